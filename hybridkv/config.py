@@ -1,0 +1,137 @@
+"""hybridkv's settings, parsed from vLLM's ``kv_connector_extra_config``.
+
+Invariants:
+- Parsing either returns a complete, valid ``HybridKVConfig`` or raises
+  ``ConfigError`` whose message names the key and the fix. Unknown keys are
+  errors (a typo must not silently disable a budget).
+- Keys that belong to vLLM's OffloadingConnector pass through untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from hybridkv.store.fileio import DURABILITY_CHOICES
+
+__all__ = ["ConfigError", "HybridKVConfig", "parse_size", "VLLM_KEYS"]
+
+#: keys of kv_connector_extra_config that vLLM's OffloadingConnector reads itself
+VLLM_KEYS = frozenset({
+    "spec_name", "spec_module_path", "block_size", "blocks_per_chunk",
+    "offload_prompt_only", "self_describing_kv_events", "canonical_layout",
+})
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+    "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class ConfigError(ValueError):
+    """A hybridkv setting is wrong; the message says which and how to fix it."""
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """``200GiB``, ``1.5TB``, ``1048576`` -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size like '200GiB' or a byte count, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ConfigError(
+        f"{key}: cannot parse {value!r}; use a byte count or a size such as "
+        "'500MiB', '200GiB', '2TB'")
+
+
+class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
+    cache_dir: str
+    #: bytes the store may hold on disk (None: unbounded)
+    disk_budget: int | None = None
+    durability: str = "none"
+    file_mode: int = 0o600
+    dir_mode: int = 0o700
+    io_threads: int = 4
+    #: seconds between directory rescans when a lookup misses (0 disables)
+    refresh_interval: float = 2.0
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir)
+
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any]) -> HybridKVConfig:
+        known = set(cls.__struct_fields__)
+        unknown = sorted(k for k in extra if k not in known and k not in VLLM_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"unknown hybridkv setting(s) {unknown} in kv_connector_extra_config; "
+                f"valid keys are {sorted(known)} (plus vLLM's {sorted(VLLM_KEYS)})")
+        cache_dir = extra.get("cache_dir") or os.environ.get("HYBRIDKV_CACHE_DIR")
+        if not cache_dir or not isinstance(cache_dir, (str, os.PathLike)):
+            raise ConfigError(
+                "cache_dir: not set; add \"cache_dir\": \"/path/to/dir\" to "
+                "kv_connector_extra_config (or set HYBRIDKV_CACHE_DIR)")
+        kwargs: dict[str, Any] = {"cache_dir": os.fspath(cache_dir)}
+        if extra.get("disk_budget") is not None:
+            budget = parse_size(extra["disk_budget"], "disk_budget")
+            if budget <= 0:
+                raise ConfigError("disk_budget: must be positive (omit it for no limit)")
+            kwargs["disk_budget"] = budget
+        if "durability" in extra:
+            if extra["durability"] not in DURABILITY_CHOICES:
+                raise ConfigError(
+                    f"durability: {extra['durability']!r} is not one of {DURABILITY_CHOICES}")
+            kwargs["durability"] = extra["durability"]
+        for mode_key in ("file_mode", "dir_mode"):
+            if mode_key in extra:
+                kwargs[mode_key] = _parse_mode(extra[mode_key], mode_key)
+        if "io_threads" in extra:
+            n = extra["io_threads"]
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 256:
+                raise ConfigError(f"io_threads: expected an integer in 1..256, got {n!r}")
+            kwargs["io_threads"] = n
+        if "refresh_interval" in extra:
+            r = extra["refresh_interval"]
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or r < 0:
+                raise ConfigError(f"refresh_interval: expected seconds >= 0, got {r!r}")
+            kwargs["refresh_interval"] = float(r)
+        return cls(**kwargs)
+
+    def check_directory(self) -> None:
+        """Create ``cache_dir`` if needed; raise ConfigError if it is unusable."""
+        path = self.cache_path
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=self.dir_mode)
+        except OSError as exc:
+            raise ConfigError(
+                f"cache_dir: cannot create {path}: {exc.strerror}; choose a writable "
+                "directory or fix its permissions") from exc
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"cache_dir: {path} is not writable by this process (uid {os.getuid()}); "
+                "choose a writable directory or fix its permissions")
+
+
+def _parse_mode(value: Any, key: str) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value, 8)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an octal mode like '0o640' or '640'") from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise ConfigError(f"{key}: expected a permission mode in 0..0o777, got {value!r}")
+    return value

@@ -1,0 +1,243 @@
+"""A directory of chunk files for one layout: write, verify-and-read, delete, scan.
+
+Invariants:
+- A chunk is visible only complete (``FileIO.write_atomic``).
+- ``read`` returns bytes only after the header matches the expected key,
+  group, fingerprint and sizes and the checksum matches; a file that fails is
+  moved to ``quarantine/`` (never read again) and ``ChunkCorrupt`` is raised.
+- A file that vanished (evicted by another engine) raises ``ChunkMissing``.
+- The store never loads a file of another layout fingerprint: the fingerprint
+  names the directory and is checked again in every header.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from hybridkv.groups import HybridLayout
+from hybridkv.keys import ChunkKey, key_from_hex, key_group, key_hex
+from hybridkv.store.fileio import FileIO, tmp_name_prefix
+from hybridkv.store.format import (
+    FORMAT_VERSION,
+    ChunkCorrupt,
+    ChunkHeader,
+    ChunkMissing,
+    decode,
+    encode,
+    read_header,
+)
+from hybridkv.store.paths import CHUNK_SUFFIX, TMP_SUFFIX, ChunkPaths
+
+__all__ = ["ChunkStore", "StoredChunk"]
+
+log = logging.getLogger(__name__)
+
+_HEADER_PROBE_BYTES = 64 * 1024
+#: temp files of a dead process, or older than this, are removed at start
+STALE_TMP_SECONDS = 3600.0
+
+
+class StoredChunk(msgspec.Struct, frozen=True):
+    """What the index keeps about a chunk file (from its header and stat)."""
+
+    key: bytes
+    group: int
+    position: int
+    size: int  # bytes on disk
+    parent: bytes | None
+    mtime: float
+
+
+class ChunkStore:
+    def __init__(self, cache_dir: str | Path, layout: HybridLayout, *, rank: int = 0,
+                 io: FileIO | None = None):
+        self.layout = layout
+        self.fingerprint = layout.fingerprint
+        self.paths = ChunkPaths(cache_dir, self.fingerprint, rank)
+        self.io = io or FileIO()
+
+    # ------------------------------------------------------------------ setup
+    def ensure_dirs(self) -> None:
+        """Create the layout directory and write ``layout.json`` once."""
+        self.io.makedirs(self.paths.rank_dir())
+        if not self.paths.layout_file.exists():
+            body = msgspec.json.format(msgspec.json.encode(
+                {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,
+                 "layout": self.layout}))
+            try:
+                self.io.write_atomic(self.paths.layout_file, body)
+            except OSError as exc:  # another engine may race us; the content is equal
+                if not self.paths.layout_file.exists():
+                    raise exc
+
+    def check_writable(self) -> None:
+        """Raise OSError with a clear message when chunks cannot be written here."""
+        probe = self.paths.rank_dir() / f"{tmp_name_prefix()}probe{TMP_SUFFIX}"
+        self.io.makedirs(probe.parent)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.io.file_mode)
+        os.close(fd)
+        os.unlink(probe)
+
+    # ------------------------------------------------------------------ chunks
+    def path(self, key: bytes, rank: int | None = None) -> Path:
+        return self.paths.chunk(key, rank)
+
+    def exists(self, key: bytes) -> bool:
+        return self.path(key).exists()
+
+    def write(self, key: bytes, *, position: int, block_offset: int,
+              arrays: Sequence[np.ndarray], parent: bytes | None = None) -> int:
+        """Store one chunk. Returns bytes written (0 if it already existed)."""
+        group = self.layout.group(key_group(key))
+        path = self.path(key)
+        if path.exists():
+            return 0
+        header = ChunkHeader(
+            version=FORMAT_VERSION, fingerprint=self.fingerprint, key=key_hex(key),
+            group=group.index, kind=group.kind.value, position=position,
+            chunk_tokens=group.chunk_tokens, block_offset=block_offset,
+            num_blocks=int(arrays[0].shape[0]) if arrays else 0,
+            page_bytes=tuple(int(a.shape[1]) for a in arrays),
+            layer_names=group.layer_names, window_tokens=group.window_tokens,
+            parent=key_hex(parent) if parent is not None else None,
+        )
+        data = encode(header, arrays)
+        self.io.write_atomic(path, data)
+        return len(data)
+
+    def read(self, key: bytes) -> tuple[ChunkHeader, list[np.ndarray]]:
+        """Verified payload of a chunk, or ChunkMissing / ChunkCorrupt."""
+        group = self.layout.group(key_group(key))
+        path = self.path(key)
+        try:
+            data = self.io.read_all(path)
+        except FileNotFoundError as exc:
+            raise ChunkMissing(f"no chunk file {path.name}") from exc
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise ChunkMissing(str(exc)) from exc
+            raise ChunkCorrupt(f"cannot read {path}: {exc}") from exc
+        try:
+            return decode(data, fingerprint=self.fingerprint, key=key_hex(key),
+                          group=group.index, kind=group.kind.value,
+                          chunk_tokens=group.chunk_tokens,
+                          layer_names=group.layer_names)
+        except ChunkCorrupt as exc:
+            self.quarantine(key, str(exc))
+            raise
+
+    def delete(self, key: bytes) -> bool:
+        try:
+            os.unlink(self.path(key))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def quarantine(self, key: bytes, reason: str) -> None:
+        """Move a bad file aside so nothing reads it again (best effort)."""
+        src = self.path(key)
+        dst = self.paths.quarantine_dir / f"{src.name}.{int(time.time() * 1e6)}"
+        log.warning("hybridkv: quarantining chunk %s: %s", src.name, reason)
+        try:
+            self.io.makedirs(dst.parent)
+            os.replace(src, dst)
+        except OSError:
+            try:
+                os.unlink(src)
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------------ scanning
+    def header_of(self, path: Path) -> ChunkHeader:
+        prefix = self.io.read_prefix(path, _HEADER_PROBE_BYTES)
+        if len(prefix) >= 8:
+            (n,) = struct.unpack("<Q", prefix[:8])
+            if 8 + n > len(prefix):
+                prefix = self.io.read_prefix(path, 8 + n)
+        return read_header(prefix)
+
+    def _scan_dir(self, directory: Path) -> list[StoredChunk]:
+        found = []
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            return found
+        for entry in entries:
+            name = entry.name
+            if not name.endswith(CHUNK_SUFFIX) or name.startswith("."):
+                continue
+            try:
+                key = key_from_hex(name[: -len(CHUNK_SUFFIX)])
+                st = entry.stat()
+                header = self.header_of(Path(entry.path))
+                if header.key != key_hex(key) or header.fingerprint != self.fingerprint:
+                    raise ChunkCorrupt("header names another chunk or layout")
+            except FileNotFoundError:
+                continue  # evicted while we scanned
+            except (ValueError, ChunkCorrupt) as exc:
+                log.warning("hybridkv: ignoring %s: %s", entry.path, exc)
+                continue
+            found.append(StoredChunk(
+                key=key, group=header.group, position=header.position, size=st.st_size,
+                parent=bytes.fromhex(header.parent) if header.parent else None,
+                mtime=st.st_mtime))
+        return found
+
+    def scan(self, *, workers: int = 8) -> Iterator[StoredChunk]:
+        """Every readable chunk of this rank, read from headers (parallel per directory)."""
+        dirs = []
+        for g in self.layout.groups:
+            gdir = self.paths.group_dir(g.index)
+            try:
+                dirs += [Path(e.path) for e in os.scandir(gdir) if e.is_dir()]
+            except FileNotFoundError:
+                continue
+        if not dirs:
+            return
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(dirs)))) as pool:
+            for chunks in pool.map(self._scan_dir, dirs):
+                yield from chunks
+
+    def clean_temp(self, *, max_age: float = STALE_TMP_SECONDS) -> int:
+        """Remove temp files left by crashed writers. Returns how many."""
+        removed = 0
+        mine = tmp_name_prefix()
+        host = mine.split(".")[1]
+        now = time.time()
+        for dirpath, _dirs, files in os.walk(self.paths.layout_dir):
+            for name in files:
+                if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
+                    continue
+                path = os.path.join(dirpath, name)
+                parts = name.split(".")
+                stale = False
+                try:
+                    if len(parts) > 2 and parts[1] == host and parts[2].isdigit():
+                        stale = not _pid_alive(int(parts[2]))
+                    stale = stale or now - os.stat(path).st_mtime > max_age
+                    if stale:
+                        os.unlink(path)
+                        removed += 1
+                except OSError:
+                    continue
+        return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

