@@ -24,7 +24,7 @@ __all__ = ["Counters", "read_stats"]
 class Counters:
     """Thread-safe ``{scope: {name: int}}``; scope is ``"all"`` or ``"g<group>"``."""
 
-    def __init__(self, stats_dir: Path | None, role: str, *, min_interval: float = 0.5):
+    def __init__(self, stats_dir: Path | None, role: str, *, min_interval: float = 0.0):
         self._lock = threading.Lock()
         self._data: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._dirty = False

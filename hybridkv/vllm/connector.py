@@ -38,3 +38,4 @@ class HybridKVConnector(OffloadingConnector):
             manager = self.scheduler.manager
             manager.counters.add("requests_hit")
             manager.counters.add("tokens_from_disk", num_external_tokens)
+            manager.counters.flush()

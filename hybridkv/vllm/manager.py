@@ -123,6 +123,8 @@ class HybridKVManager(OffloadingManager):
             # a load that failed verification quarantined the file: forget it
             if key in self.index and not self.store.exists(key):
                 self._forget(key)
+                self.counters.add("chunks_dropped_after_failed_load", 1, key_group(key))
+        self.counters.flush()
 
     # ------------------------------------------------------------------ stores
     def prepare_store(self, keys: Collection[OffloadKey],
