@@ -111,9 +111,9 @@ class ChunkStore:
             layer_names=group.layer_names, window_tokens=group.window_tokens,
             parent=key_hex(parent) if parent is not None else None,
         )
-        data = encode(header, arrays)
-        self.io.write_atomic(path, data)
-        return len(data)
+        buffers = encode(header, arrays)
+        self.io.write_atomic(path, buffers)
+        return sum(b.nbytes for b in buffers)
 
     def read(self, key: bytes) -> tuple[ChunkHeader, list[np.ndarray]]:
         """Verified payload of a chunk, or ChunkMissing / ChunkCorrupt."""

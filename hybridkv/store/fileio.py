@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -47,7 +48,8 @@ class FileIO:
     def makedirs(self, path: Path) -> None:
         os.makedirs(path, mode=self.dir_mode, exist_ok=True)
 
-    def write_atomic(self, path: Path, data: bytes | memoryview) -> None:
+    def write_atomic(self, path: Path, data: bytes | memoryview | Sequence[memoryview]) -> None:
+        """Write ``data`` (one buffer, or buffers in order) to ``path`` atomically."""
         global _counter
         with _counter_lock:
             _counter += 1
@@ -60,7 +62,8 @@ class FileIO:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
         try:
             try:
-                self._write_all(fd, memoryview(data))
+                for buf in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+                    self._write_all(fd, memoryview(buf))
                 if self.durability != "none":
                     os.fsync(fd)
             finally:
@@ -90,22 +93,10 @@ class FileIO:
         finally:
             os.close(fd)
 
-    def read_all(self, path: Path) -> bytearray:
+    def read_all(self, path: Path) -> bytes:
         """The whole file. Raises FileNotFoundError when it is gone."""
         with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            buf = bytearray(size)
-            view = memoryview(buf)
-            got = 0
-            while got < size:
-                n = f.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-        if got != size:
-            del view
-            return buf[:got]
-        return buf
+            return f.read()
 
     def read_prefix(self, path: Path, size: int) -> bytes:
         with open(path, "rb", buffering=0) as f:

