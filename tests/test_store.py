@@ -202,3 +202,14 @@ def test_layout_json_is_readable(store):
     assert doc["fingerprint"] == store.fingerprint
     assert [g["kind"] for g in doc["layout"]["groups"]] == ["full_attention", "sliding_window",
                                                             "state"]
+
+
+def test_chunk_files_open_with_the_safetensors_library(store):
+    from safetensors import safe_open
+
+    arrays = pages(np.random.default_rng(7), 2, (64, 64))
+    key = make_key(b"s" * 16, 0)
+    store.write(key, position=32, block_offset=0, arrays=arrays)
+    with safe_open(str(store.path(key)), framework="numpy") as f:
+        assert json.loads(f.metadata()["hybridkv"])["key"] == key_hex(key)
+        assert (f.get_tensor("layer.1") == arrays[1]).all()
