@@ -18,6 +18,7 @@ from vllm.v1.kv_cache_interface import (
 )
 from vllm.v1.kv_offload.config import OffloadingConfig
 
+from hybridkv.config import ConfigError
 from hybridkv.groups import GroupKind, GroupSpec, HybridLayout, ParallelSpec
 
 __all__ = ["layout_from_vllm", "group_kind_of"]
@@ -45,6 +46,23 @@ def _page_bytes(spec: KVCacheSpec) -> int:
     return int(_representative(spec).real_page_size_bytes)
 
 
+def _check_state_blocks(groups: list[GroupSpec]) -> None:
+    """Refuse state blocks that differ from attention blocks.
+
+    vLLM's align-mode scheduler splits prefills at the smallest block size, so a
+    state block larger than the attention block would be stored holding the
+    state of another token position: a restored hit would be wrong.
+    """
+    state = {g.block_tokens for g in groups if g.kind is GroupKind.STATE}
+    attention = {g.block_tokens for g in groups if g.kind is not GroupKind.STATE}
+    if state and attention and state | attention != attention:
+        raise ConfigError(
+            f"hybridkv cannot offload state groups with {sorted(state)}-token blocks next to "
+            f"attention groups with {sorted(attention)}-token blocks: the stored states would "
+            "not sit at chunk boundaries. Let vLLM pick the block size (enable prefix caching "
+            "and leave --block-size unset) so state and attention blocks are equal.")
+
+
 def layout_from_vllm(config: OffloadingConfig, kv_cache_config: KVCacheConfig) -> HybridLayout:
     groups = []
     for g in config.groups:
@@ -56,6 +74,7 @@ def layout_from_vllm(config: OffloadingConfig, kv_cache_config: KVCacheConfig) -
             layer_names=tuple(g.layer_names), page_bytes=_page_bytes(spec),
             dtype=config.model.dtype, window_tokens=window,
         ))
+    _check_state_blocks(groups)
     p = config.parallel
     return HybridLayout(
         model=config.model.name, dtype=config.model.dtype, groups=tuple(groups),
