@@ -17,7 +17,12 @@ from hybridkv.index import ChunkIndex
 from hybridkv.keys import key_from_hex, key_hex, make_key
 from hybridkv.store.chunk_store import ChunkStore
 from hybridkv.store.fileio import FileIO, tmp_name_prefix
-from hybridkv.store.format import FORMAT_VERSION, ChunkCorrupt, ChunkMissing
+from hybridkv.store.format import (
+    FORMAT_VERSION,
+    ChunkCorrupt,
+    ChunkMissing,
+    ChunkTooNew,
+)
 
 pytestmark = pytest.mark.fast
 
@@ -127,8 +132,11 @@ def test_future_format_version_is_refused(store):
     raw = json.dumps(hdr).encode()
     raw += b" " * (-len(raw) % 8)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
-    with pytest.raises(ChunkCorrupt, match="newer"):
+    with pytest.raises(ChunkTooNew, match="newer"):
         store.read(key)
+    assert path.exists(), "a newer reader's file must not be quarantined"
+    with pytest.raises(ChunkTooNew, match="newer"):
+        list(store.scan())
 
 
 class _FailingIO(FileIO):

@@ -6,6 +6,12 @@ Invariants:
   group, fingerprint and sizes and the checksum matches; a file that fails is
   moved to ``quarantine/`` (never read again) and ``ChunkCorrupt`` is raised.
 - A file that vanished (evicted by another engine) raises ``ChunkMissing``.
+- A file that cannot be read (EIO, ...) raises ``ChunkUnreadable`` and is
+  quarantined too, except on a permission error (EACCES/EPERM: a deployment
+  problem, not a bad file), which leaves it in place.
+- Nothing written by a newer hybridkv is interpreted or moved: a newer
+  ``layout.json`` (``ensure_dirs``) or chunk header (``scan``, ``read``) raises
+  ``ChunkTooNew``.
 - The store never loads a file of another layout fingerprint: the fingerprint
   names the directory and is checked again in every header.
 """
@@ -32,6 +38,8 @@ from hybridkv.store.format import (
     ChunkCorrupt,
     ChunkHeader,
     ChunkMissing,
+    ChunkTooNew,
+    ChunkUnreadable,
     decode,
     encode,
     read_header,
@@ -68,7 +76,12 @@ class ChunkStore:
 
     # ------------------------------------------------------------------ setup
     def ensure_dirs(self) -> None:
-        """Create the layout directory and write ``layout.json`` once."""
+        """Create the layout directory and write ``layout.json`` once.
+
+        Raises ``ChunkTooNew`` when an existing ``layout.json`` declares a newer
+        format than this hybridkv writes.
+        """
+        self.check_layout_file()
         self.io.makedirs(self.paths.rank_dir())
         if not self.paths.layout_file.exists():
             body = msgspec.json.format(msgspec.json.encode(
@@ -79,6 +92,22 @@ class ChunkStore:
             except OSError as exc:  # another engine may race us; the content is equal
                 if not self.paths.layout_file.exists():
                     raise exc
+
+    def check_layout_file(self) -> None:
+        """Refuse a layout directory written by a newer hybridkv."""
+        path = self.paths.layout_file
+        try:
+            doc = msgspec.json.decode(path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, msgspec.DecodeError) as exc:
+            log.warning("hybridkv: ignoring unreadable %s: %s", path, exc)
+            return
+        version = doc.get("format_version") if isinstance(doc, dict) else None
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise ChunkTooNew(
+                f"{path} declares chunk format version {version}, newer than this "
+                f"hybridkv reads ({FORMAT_VERSION})")
 
     def check_writable(self) -> None:
         """Raise OSError with a clear message when chunks cannot be written here."""
@@ -116,7 +145,7 @@ class ChunkStore:
         return sum(b.nbytes for b in buffers)
 
     def read(self, key: bytes) -> tuple[ChunkHeader, list[np.ndarray]]:
-        """Verified payload of a chunk, or ChunkMissing / ChunkCorrupt."""
+        """Verified payload, or ChunkMissing / ChunkCorrupt / ChunkUnreadable / ChunkTooNew."""
         group = self.layout.group(key_group(key))
         path = self.path(key)
         try:
@@ -126,7 +155,9 @@ class ChunkStore:
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 raise ChunkMissing(str(exc)) from exc
-            raise ChunkCorrupt(f"cannot read {path}: {exc}") from exc
+            if exc.errno not in (errno.EACCES, errno.EPERM):
+                self.quarantine(key, f"read failed: {exc}")
+            raise ChunkUnreadable(f"cannot read {path.name}: {exc}") from exc
         try:
             return decode(data, fingerprint=self.fingerprint, key=key_hex(key),
                           group=group.index, kind=group.kind.value,
@@ -184,7 +215,9 @@ class ChunkStore:
                     raise ChunkCorrupt("header names another chunk or layout")
             except FileNotFoundError:
                 continue  # evicted while we scanned
-            except (ValueError, ChunkCorrupt) as exc:
+            except ChunkTooNew as exc:
+                raise ChunkTooNew(f"{entry.path}: {exc}") from exc
+            except (ValueError, ChunkCorrupt, OSError) as exc:
                 log.warning("hybridkv: ignoring %s: %s", entry.path, exc)
                 continue
             found.append(StoredChunk(

@@ -11,7 +11,8 @@ Invariants:
 - ``decode`` returns payload bytes only when the header matches what the
   caller expects and the checksum matches; anything else raises
   ``ChunkCorrupt`` (a subclass of ``ChunkError``). There is no partial result.
-- A header from a newer ``FORMAT_VERSION`` is never interpreted.
+- A header from a newer ``FORMAT_VERSION`` is never interpreted: it raises
+  ``ChunkTooNew`` (not ``ChunkCorrupt``: the file is fine, this reader is old).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ __all__ = [
     "ChunkError",
     "ChunkCorrupt",
     "ChunkMissing",
+    "ChunkTooNew",
+    "ChunkUnreadable",
     "checksum",
     "encode",
     "decode",
@@ -52,6 +55,14 @@ class ChunkMissing(ChunkError):
 
 class ChunkCorrupt(ChunkError):
     """A file exists but is not the chunk it claims to be, or is damaged."""
+
+
+class ChunkUnreadable(ChunkError):
+    """A file exists but reading it failed (EIO, EACCES, ...)."""
+
+
+class ChunkTooNew(ChunkError):
+    """A file (or layout.json) was written in a format newer than this hybridkv reads."""
 
 
 class ChunkHeader(msgspec.Struct, frozen=True, kw_only=True):
@@ -132,7 +143,7 @@ def _parse_header(prefix: bytes | memoryview) -> tuple[ChunkHeader, dict, int]:
     except (ValueError, KeyError, TypeError, msgspec.DecodeError) as exc:
         raise ChunkCorrupt(f"unreadable chunk header: {exc}") from exc
     if header.version > FORMAT_VERSION:
-        raise ChunkCorrupt(
+        raise ChunkTooNew(
             f"chunk format version {header.version} is newer than this hybridkv "
             f"({FORMAT_VERSION}); upgrade hybridkv to read it"
         )

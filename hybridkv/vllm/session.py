@@ -3,6 +3,17 @@
 Used by ``hybridkv demo`` and by the end-to-end tests, each lifetime in its own
 process (``python -m hybridkv.vllm.session``) so that a second lifetime really
 starts cold and can only get cached tokens from disk.
+
+A prompt is a list of token ids, or (for the fault-injection suite) a dict::
+
+    {"prompt": [ids], "label": "x", "cache_salt": "s", "before": [actions], "after": [actions]}
+
+Actions run in this (front-end) process, which is not the engine process, so
+they can damage chunk files or switch injected faults while the engine runs
+(see ``hybridkv.vllm.faultplan``; a testing aid). With a plan, each request's report also
+holds this engine's own hybridkv counters after its ``after`` actions, and a
+request that vLLM ends with an error is reported (``finish_reason``,
+``error``) instead of ending the session.
 """
 
 from __future__ import annotations
@@ -33,29 +44,64 @@ def engine_kwargs(model: str, cache_dir: str | None, **settings: Any) -> dict[st
     return kwargs
 
 
-def run_session(model: str, cache_dir: str | None, prompts: list[list[int]], *,
+def run_session(model: str, cache_dir: str | None, prompts: list, *,
                 max_tokens: int = 8, settings: dict[str, Any] | None = None,
-                extra_engine_args: dict[str, Any] | None = None) -> dict[str, Any]:
+                extra_engine_args: dict[str, Any] | None = None,
+                load_failure_policy: str | None = None) -> dict[str, Any]:
     """Generate greedily for each prompt in turn; return tokens, cached tokens and TTFTs."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
+    kwargs = engine_kwargs(model, cache_dir, **(settings or {}))
+    if load_failure_policy is not None and "kv_transfer_config" in kwargs:
+        kwargs["kv_transfer_config"]["kv_load_failure_policy"] = load_failure_policy
     started = time.perf_counter()
-    llm = LLM(**engine_kwargs(model, cache_dir, **(settings or {})), **(extra_engine_args or {}))
+    llm = LLM(**kwargs, **(extra_engine_args or {}))
     startup = time.perf_counter() - started
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    planned = any(isinstance(p, dict) for p in prompts)
+    plan = None
+    if planned:
+        from hybridkv.vllm.faultplan import FaultPlan
+
+        plan = FaultPlan(llm, cache_dir)
     results = []
-    for ids in prompts:
+    for entry in prompts:
+        spec = entry if isinstance(entry, dict) else {"prompt": entry}
+        ids = spec["prompt"]
+        if plan is not None:
+            plan.run(spec.get("before", []))
+        prompt: dict[str, Any] = {"prompt_token_ids": ids}
+        if spec.get("cache_salt"):
+            prompt["cache_salt"] = spec["cache_salt"]
         t0 = time.perf_counter()
-        out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
-        wall = time.perf_counter() - t0
-        ttft = getattr(out.metrics, "first_token_latency", 0.0) or wall
-        results.append({"prompt_tokens": len(ids), "output": list(out.outputs[0].token_ids),
-                        "num_cached_tokens": int(out.num_cached_tokens or 0),
-                        "ttft_s": ttft, "wall_s": wall})
+        result: dict[str, Any] = {"prompt_tokens": len(ids), "label": spec.get("label")}
+        try:
+            out = llm.generate([prompt], params, use_tqdm=False)[0]
+        except Exception as exc:  # a request vLLM ended with an error
+            if not planned:
+                raise
+            result.update(output=[], num_cached_tokens=0, finish_reason="exception",
+                          error=f"{type(exc).__name__}: {exc}")
+        else:
+            ttft = getattr(out.metrics, "first_token_latency", 0.0) or 0.0
+            result.update(output=list(out.outputs[0].token_ids),
+                          num_cached_tokens=int(out.num_cached_tokens or 0),
+                          finish_reason=out.outputs[0].finish_reason, ttft_s=ttft)
+        result["wall_s"] = time.perf_counter() - t0
+        result.setdefault("ttft_s", result["wall_s"])
+        if plan is not None:
+            plan.run(spec.get("after", []))
+            result["stats"] = plan.own_stats()
+        results.append(result)
+    report: dict[str, Any] = {"startup_s": startup, "requests": results}
+    if plan is not None:
+        report["plan"] = plan.report()
     del llm
     time.sleep(0.5)  # let worker threads flush their counters on shutdown
-    return {"startup_s": startup, "requests": results}
+    if plan is not None:
+        report["final_stats"] = plan.finish()
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,11 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--settings", default="{}", help="JSON: extra hybridkv settings")
     p.add_argument("--engine-args", default="{}", help="JSON: extra LLM(...) arguments")
+    p.add_argument("--load-failure-policy", choices=("recompute", "fail"), default=None,
+                   help="vLLM's kv_load_failure_policy (default: hybridkv's 'recompute')")
     a = p.parse_args(argv)
     prompts = json.loads(Path(a.prompts).read_text())
     report = run_session(a.model, a.cache_dir, prompts, max_tokens=a.max_tokens,
                          settings=json.loads(a.settings),
-                         extra_engine_args=json.loads(a.engine_args))
+                         extra_engine_args=json.loads(a.engine_args),
+                         load_failure_policy=a.load_failure_policy)
     Path(a.out).write_text(json.dumps(report))
 
 

