@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from hybridkv.policies import POLICY_NAMES
 from hybridkv.store.fileio import DURABILITY_CHOICES
 
 __all__ = ["ConfigError", "HybridKVConfig", "parse_size", "VLLM_KEYS"]
@@ -67,6 +68,10 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
     io_threads: int = 4
     #: seconds between directory rescans when a lookup misses (0 disables)
     refresh_interval: float = 2.0
+    #: capacity policy: "group_aware" | "lru" | "watermark" (see hybridkv.policies)
+    eviction_policy: str = "group_aware"
+    #: also keep windows / states every this many chunks (0: only at request ends and branches)
+    checkpoint_interval: int = 0
 
     @property
     def cache_path(self) -> Path:
@@ -109,6 +114,17 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
             if isinstance(r, bool) or not isinstance(r, (int, float)) or r < 0:
                 raise ConfigError(f"refresh_interval: expected seconds >= 0, got {r!r}")
             kwargs["refresh_interval"] = float(r)
+        if "eviction_policy" in extra:
+            if extra["eviction_policy"] not in POLICY_NAMES:
+                raise ConfigError(
+                    f"eviction_policy: {extra['eviction_policy']!r} is not one of {POLICY_NAMES}")
+            kwargs["eviction_policy"] = extra["eviction_policy"]
+        if "checkpoint_interval" in extra:
+            k = extra["checkpoint_interval"]
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                raise ConfigError(
+                    f"checkpoint_interval: expected a number of chunks >= 0 (0: off), got {k!r}")
+            kwargs["checkpoint_interval"] = k
         return cls(**kwargs)
 
     def check_directory(self) -> None:

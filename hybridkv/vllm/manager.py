@@ -6,8 +6,9 @@ Invariants:
 - Keys prepared for load are pinned until ``complete_load``; eviction never
   removes a pinned key.
 - ``prepare_store`` never returns a key that is stored or being stored
-  (dedup), and never lets ``bytes_used`` exceed the budget: what does not fit
-  after eviction is skipped and counted.
+  (dedup); admission, eviction and the budget are ``hybridkv.capacity``'s
+  (the same code the simulator runs): what does not fit after eviction is
+  skipped and counted, and every key it removes has its file deleted here.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from vllm.v1.kv_offload.base import (
     RequestOffloadingContext,
 )
 
+from hybridkv.capacity import Capacity
 from hybridkv.config import HybridKVConfig
 from hybridkv.index import ChunkIndex
 from hybridkv.keys import key_group
+from hybridkv.policies import Candidate, CapacityPolicy, LRUPolicy, RequestView
 from hybridkv.stats import Counters
 from hybridkv.store.chunk_store import ChunkStore
 from hybridkv.store.format import ChunkError
@@ -46,12 +49,12 @@ HEADER_ALLOWANCE = 4096
 
 
 class HybridKVManager(OffloadingManager):
-    def __init__(self, store: ChunkStore, config: HybridKVConfig, *, policy=None,
-                 counters: Counters | None = None, emit_events: bool = False):
+    def __init__(self, store: ChunkStore, config: HybridKVConfig, *,
+                 policy: CapacityPolicy | None = None, counters: Counters | None = None,
+                 emit_events: bool = False):
         self.store = store
         self.layout = store.layout
         self.config = config
-        self.policy = policy
         self.counters = counters or Counters(None, "manager")
         self.emit_events = emit_events
         self._events: list[OffloadingEvent] = []
@@ -60,14 +63,19 @@ class HybridKVManager(OffloadingManager):
         started = time.monotonic()
         removed_tmp = store.clean_temp()
         self.index = ChunkIndex.rebuild(store)
+        self.capacity = Capacity(self.index, policy or LRUPolicy(), config.disk_budget)
         self.counters.add("startup_chunks", len(self.index))
         self.counters.add("startup_tmp_removed", removed_tmp)
-        log.info("hybridkv: %d chunks (%.1f MiB) found in %s in %.2fs; %d stale temp files removed",
-                 len(self.index), self.index.bytes_stored / 2**20, store.paths.layout_dir,
-                 time.monotonic() - started, removed_tmp)
-        if self.config.disk_budget is not None and self.index.bytes_used > self.config.disk_budget:
-            self._evict(self.index.bytes_used - self.config.disk_budget)
+        log.info("hybridkv: %d chunks (%.1f MiB) found in %s in %.2fs; %d stale temp files "
+                 "removed; eviction policy %s", len(self.index),
+                 self.index.bytes_stored / 2**20, store.paths.layout_dir,
+                 time.monotonic() - started, removed_tmp, self.capacity.policy.name)
+        self._delete(self.capacity.enforce())
         self.counters.flush(force=True)
+
+    @property
+    def policy(self) -> CapacityPolicy:
+        return self.capacity.policy
 
     # ------------------------------------------------------------------ lookups
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
@@ -107,22 +115,22 @@ class HybridKVManager(OffloadingManager):
         keys = list(keys)
         for key in keys:
             self.index.pin(key)
-            self.index.touch(key)
             self.counters.add("chunks_load_prepared", 1, key_group(key))
+        self.policy.on_load(keys, self.index)
         return ChunkLoadSpec(keys)
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
         for key in keys:
             self.index.touch(key)
-            if self.policy is not None and key in self.index:
-                self.policy.on_access(key, self.index)
 
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        for key in keys:
+        keys = list(keys)
+        for key in keys:  # unpin first: a dropped chunk's orphans may be among these keys
             self.index.unpin(key)
-            # a load that failed verification quarantined the file: forget it
+        for key in keys:
+            # a load that failed verification quarantined the file: forget it (and its orphans)
             if key in self.index and not self.store.exists(key):
-                self._forget(key)
+                self._delete(self.capacity.remove([key]))
                 self.counters.add("chunks_dropped_after_failed_load", 1, key_group(key))
         self.counters.flush()
 
@@ -131,37 +139,29 @@ class HybridKVManager(OffloadingManager):
                       req_context: ReqContext) -> PrepareStoreOutput | None:
         positions = _key_positions(req_context)
         by_position = {(key_group(k), p): k for k, p in positions.items()}
-        todo: list[bytes] = []
+        batch: list[Candidate] = []
         for key in keys:
             if key in self.index or self.index.is_pending(key):
                 continue
             if self._refresh_on_store(key):
                 continue
-            todo.append(key)
-        evicted: list[bytes] = []
-        admitted: list[bytes] = []
-        budget = self.config.disk_budget
-        for key in todo:
             group = key_group(key)
-            size = self.layout.group(group).chunk_bytes + HEADER_ALLOWANCE
             position = positions.get(key, 0)
-            parent = by_position.get((group, position - self._chunk_tokens[group]))
-            if self.policy is not None and not self.policy.admit(
-                    _Candidate(key, group, position, size, parent, req_context.req_id), self.index):
-                self.counters.add("stores_not_admitted", 1, group)
-                continue
-            if budget is not None and self.index.bytes_used + size > budget:
-                evicted += self._evict(self.index.bytes_used + size - budget)
-                if self.index.bytes_used + size > budget:
-                    self.counters.add("stores_skipped_budget", 1, group)
-                    continue
-            self.index.reserve(key, size)
-            admitted.append((key, position, parent))
-        if evicted and self.emit_events:
-            self._events.append(OffloadingEvent(keys=evicted, medium=Medium.STORAGE, removed=True))
-        spec = ChunkStoreSpec([k for k, _, _ in admitted], [p for _, p, _ in admitted],
-                              [par for _, _, par in admitted])
-        return PrepareStoreOutput(keys_to_store=spec.keys, store_spec=spec, evicted_keys=evicted)
+            batch.append(Candidate(
+                key, group, position, self.layout.group(group).chunk_bytes + HEADER_ALLOWANCE,
+                by_position.get((group, position - self._chunk_tokens[group]))))
+        plan = self.capacity.plan_store(batch, RequestView(req_context.req_id, positions))
+        for cand in plan.rejected:
+            self.counters.add("stores_not_admitted", 1, cand.group)
+        for cand in plan.skipped:
+            self.counters.add("stores_skipped_budget", 1, cand.group)
+        self._delete(plan.evicted)
+        admitted = {c.key for c in plan.admitted}
+        chosen = [c for c in batch if c.key in admitted]  # vLLM's order: group by group
+        spec = ChunkStoreSpec([c.key for c in chosen], [c.position for c in chosen],
+                              [c.parent for c in chosen])
+        return PrepareStoreOutput(keys_to_store=spec.keys, store_spec=spec,
+                                  evicted_keys=plan.evicted)
 
     def _refresh_on_store(self, key: bytes) -> bool:
         """Dedup against another engine's file for the same key."""
@@ -172,64 +172,37 @@ class HybridKVManager(OffloadingManager):
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext,
                        success: bool = True) -> None:
-        stored = []
+        stored, evicted = [], []
         for key in keys:
             if not self.index.is_pending(key):
                 continue
-            self.index.release(key)
             group = key_group(key)
             try:
                 st = os.stat(self.store.path(key))
                 header = self.store.header_of(self.store.path(key))
             except (OSError, ChunkError, ValueError):
+                self.capacity.abort(key)
                 self.counters.add("stores_failed", 1, group)
                 continue
-            self.index.add(key, group=group, position=header.position, size=st.st_size,
-                           parent=bytes.fromhex(header.parent) if header.parent else None)
+            evicted += self.capacity.commit(
+                key, size=st.st_size, position=header.position,
+                parent=bytes.fromhex(header.parent) if header.parent else None)
             self.counters.add("chunks_stored", 1, group)
             stored.append(key)
         if stored and self.emit_events:
             self._events.append(OffloadingEvent(keys=stored, medium=Medium.STORAGE, removed=False))
-        budget = self.config.disk_budget
-        if budget is not None and self.index.bytes_used > budget:
-            # actual sizes can exceed the reservation only by the header allowance
-            self._emit_removed(self._evict(self.index.bytes_used - budget))
+        self._delete(evicted)
         self.counters.flush()
 
+    def on_request_finished(self, req_context: ReqContext) -> None:
+        self.capacity.request_finished(req_context.req_id)
+
     # ------------------------------------------------------------------ eviction
-    def _evict(self, needed: int) -> list[bytes]:
-        if self.policy is not None:
-            victims = self.policy.make_room(self.index, needed)
-        else:
-            victims = self._lru_victims(needed)
-        removed = []
-        for key in victims:
-            entry = self.index.get(key)
-            if entry is None or entry.pins:
-                continue
+    def _delete(self, keys: list[bytes]) -> None:
+        """Delete the files of keys the capacity layer removed from the index."""
+        for key in keys:
             self.store.delete(key)
-            self._forget(key)
-            self.counters.add("chunks_evicted", 1, entry.group)
-            removed.append(key)
-        return removed
-
-    def _lru_victims(self, needed: int) -> list[bytes]:
-        victims, freed = [], 0
-        for entry in sorted(self.index, key=lambda e: e.last_access):
-            if freed >= needed:
-                break
-            if entry.pins:
-                continue
-            victims.append(entry.key)
-            freed += entry.size
-        return victims
-
-    def _forget(self, key: bytes) -> None:
-        self.index.remove(key)
-        if self.policy is not None:
-            self.policy.on_removed(key, self.index)
-
-    def _emit_removed(self, keys: list[bytes]) -> None:
+            self.counters.add("chunks_evicted", 1, key_group(key))
         if keys and self.emit_events:
             self._events.append(OffloadingEvent(keys=keys, medium=Medium.STORAGE, removed=True))
 
@@ -243,20 +216,10 @@ class HybridKVManager(OffloadingManager):
 
     def reset_cache(self) -> None:
         """Forget (and delete) every unpinned chunk of this layout."""
-        self._emit_removed(self._evict(self.index.bytes_used + 1))
+        self._delete(self.capacity.remove([e.key for e in list(self.index)]))
 
     def shutdown(self) -> None:
         self.counters.flush(force=True)
-
-
-class _Candidate:
-    """A chunk the scheduler wants stored, as admission policies see it."""
-
-    __slots__ = ("key", "group", "position", "size", "parent", "request_id")
-
-    def __init__(self, key, group, position, size, parent, request_id):
-        self.key, self.group, self.position = key, group, position
-        self.size, self.parent, self.request_id = size, parent, request_id
 
 
 def _key_positions(req_context: ReqContext) -> dict[bytes, int]:

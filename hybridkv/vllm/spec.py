@@ -4,6 +4,10 @@ vLLM hands a spec only the group sizes and layer names; hybridkv also needs
 each group's kind (full / sliding window / state) and window. The
 ``HybridKVConnector`` passes vLLM's ``KVCacheConfig`` in through
 ``kv_cache_config_context`` while vLLM constructs the spec.
+
+Testing aid: when ``HYBRIDKV_FAULTS`` is set in the engine's environment, each
+store gets a ``FaultyFileIO`` (``hybridkv.store.faults``) that injects I/O
+faults inside the engine's own processes. Never set it in production.
 """
 
 from __future__ import annotations
@@ -22,20 +26,25 @@ from vllm.v1.kv_offload.base import (
 from vllm.v1.kv_offload.config import OffloadingConfig
 
 from hybridkv.config import ConfigError, HybridKVConfig
+from hybridkv.cost import PrefillCost
+from hybridkv.policies import make_policy
 from hybridkv.stats import Counters
 from hybridkv.store.chunk_store import ChunkStore
-from hybridkv.store.fileio import FileIO
+from hybridkv.store.faults import file_io_from_env
+from hybridkv.store.format import ChunkTooNew
 from hybridkv.vllm.layout import layout_from_vllm
 
 __all__ = ["HybridKVSpec", "kv_cache_config_context"]
 
-_KV_CACHE_CONFIG: contextvars.ContextVar[KVCacheConfig | None] = contextvars.ContextVar(
-    "hybridkv_kv_cache_config", default=None)
+_KV_CACHE_CONFIG: contextvars.ContextVar[tuple[KVCacheConfig, int | None] | None] = (
+    contextvars.ContextVar("hybridkv_kv_cache_config", default=None))
 
 
 @contextlib.contextmanager
-def kv_cache_config_context(kv_cache_config: KVCacheConfig) -> Iterator[None]:
-    token = _KV_CACHE_CONFIG.set(kv_cache_config)
+def kv_cache_config_context(kv_cache_config: KVCacheConfig, *,
+                            hidden_size: int | None = None) -> Iterator[None]:
+    """Hand vLLM's KV-cache config (and the model width, for the cost model) to the spec."""
+    token = _KV_CACHE_CONFIG.set((kv_cache_config, hidden_size))
     try:
         yield
     finally:
@@ -45,12 +54,13 @@ def kv_cache_config_context(kv_cache_config: KVCacheConfig) -> Iterator[None]:
 class HybridKVSpec(OffloadingSpec):
     def __init__(self, config: OffloadingConfig):
         super().__init__(config)
-        kv_cache_config = _KV_CACHE_CONFIG.get()
-        if kv_cache_config is None:
+        handed = _KV_CACHE_CONFIG.get()
+        if handed is None:
             raise ConfigError(
                 "HybridKVSpec must be loaded through HybridKVConnector: set "
                 "kv_connector='HybridKVConnector' and "
                 "kv_connector_module_path='hybridkv.vllm.connector'")
+        kv_cache_config, self.hidden_size = handed
         self.hkv_config = HybridKVConfig.from_extra_config(self.extra_config)
         self.hkv_config.check_directory()
         self.layout = layout_from_vllm(config, kv_cache_config)
@@ -60,10 +70,12 @@ class HybridKVSpec(OffloadingSpec):
     def _store(self, rank: int) -> ChunkStore:
         c = self.hkv_config
         store = ChunkStore(c.cache_path, self.layout, rank=rank,
-                           io=FileIO(c.durability, c.file_mode, c.dir_mode))
+                           io=file_io_from_env(c.durability, c.file_mode, c.dir_mode))
         try:
             store.ensure_dirs()
             store.check_writable()
+        except ChunkTooNew as exc:
+            raise _too_new(store, exc) from exc
         except OSError as exc:
             raise ConfigError(
                 f"cache_dir: cannot write chunks under {store.paths.layout_dir}: {exc}; "
@@ -75,16 +87,22 @@ class HybridKVSpec(OffloadingSpec):
             from hybridkv.vllm.manager import HybridKVManager
 
             store = self._store(0)
-            self._manager = HybridKVManager(
-                store, self.hkv_config,
-                policy=self._make_policy(),
-                counters=Counters(store.paths.stats_dir, "manager"),
-                emit_events=self.kv_events_config.enable_kv_cache_events,
-            )
+            try:
+                self._manager = HybridKVManager(
+                    store, self.hkv_config,
+                    policy=self._make_policy(),
+                    counters=Counters(store.paths.stats_dir, "manager"),
+                    emit_events=self.kv_events_config.enable_kv_cache_events,
+                )
+            except ChunkTooNew as exc:  # the startup scan met a chunk from a newer hybridkv
+                raise _too_new(store, exc) from exc
         return self._manager
 
     def _make_policy(self):
-        return None
+        c = self.hkv_config
+        cost = PrefillCost.from_layout(self.layout, hidden_size=self.hidden_size or 4096)
+        return make_policy(c.eviction_policy, self.layout, cost=cost,
+                           checkpoint_interval=c.checkpoint_interval)
 
     def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
         from hybridkv.vllm.worker import HybridKVWorker
@@ -96,3 +114,10 @@ class HybridKVSpec(OffloadingSpec):
             io_threads=self.hkv_config.io_threads,
             counters=Counters(store.paths.stats_dir, f"worker{rank}"),
         )
+
+
+def _too_new(store: ChunkStore, exc: ChunkTooNew) -> ConfigError:
+    return ConfigError(
+        f"cache_dir: {store.paths.layout_dir} was written by a newer hybridkv ({exc}); "
+        "upgrade hybridkv (pip install -U hybridkv) to use it, or set cache_dir to "
+        "another directory")

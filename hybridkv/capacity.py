@@ -1,0 +1,120 @@
+"""Capacity: keep the bytes on disk inside the budget, with a pluggable policy.
+
+``Capacity`` is the one place where admission, reservation, eviction and
+orphan reclaim happen. The vLLM manager and the simulator both drive it, so
+the policy code that runs in production is the code the simulator measures.
+It never touches files: it returns the keys to delete, and the caller deletes
+them (the manager) or just forgets them (the simulator).
+
+Invariants:
+- ``index.bytes_used`` (stored + reserved) never exceeds the budget because of
+  ``plan_store``: a chunk that does not fit after eviction is skipped;
+  ``commit`` evicts again if a file came out larger than its reservation.
+- Pinned chunks (being loaded) are never removed; chunks of requests still
+  storing (``open`` requests) are never chosen as victims.
+- With a policy that reclaims orphans, removing a chunk also removes every
+  stored chunk that can no longer be part of any hit because of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from hybridkv.index import ChunkIndex
+from hybridkv.keys import key_group
+from hybridkv.policies.base import Admission, Candidate, CapacityPolicy, RequestView
+
+__all__ = ["Capacity", "StorePlan"]
+
+
+@dataclass(slots=True)
+class StorePlan:
+    admitted: list[Candidate] = field(default_factory=list)
+    evicted: list[bytes] = field(default_factory=list)
+    rejected: list[Candidate] = field(default_factory=list)  # the policy said no
+    skipped: list[Candidate] = field(default_factory=list)  # no room left in the budget
+
+
+class Capacity:
+    def __init__(self, index: ChunkIndex, policy: CapacityPolicy, budget: int | None = None):
+        self.index = index
+        self.policy = policy
+        self.budget = budget
+        self._open: dict[str, set[bytes]] = {}
+
+    # ------------------------------------------------------------------ stores
+    def plan_store(self, batch: Sequence[Candidate], request: RequestView) -> StorePlan:
+        """Decide which offered chunks to write; reserve their bytes; evict to make room."""
+        plan = StorePlan()
+        verdicts = self.policy.admit(batch, request, self.index)
+        # admitted chunks first (prefix order), then spare ones into what room is left
+        order = sorted(range(len(batch)), key=lambda i: (-verdicts[i], batch[i].position))
+        wanted = [i for i in order if verdicts[i] is not Admission.REJECT]
+        plan.rejected = [batch[i] for i in order if verdicts[i] is Admission.REJECT]
+        if self.budget is not None:
+            need = sum(batch[i].size for i in wanted if verdicts[i] is Admission.ADMIT)
+            short = self.index.bytes_used + need - self.budget
+            if short > 0:
+                protect = self._protected(request)
+                plan.evicted = self.remove(self.policy.victims(self.index, short, protect))
+        opened = self._open.setdefault(request.request_id, set())
+        opened.update(request.positions)
+        for i in wanted:
+            cand = batch[i]
+            if self.budget is not None and self.index.bytes_used + cand.size > self.budget:
+                plan.skipped.append(cand)
+                continue
+            self.index.reserve(cand.key, cand.size, position=cand.position, parent=cand.parent,
+                               spare=verdicts[i] is Admission.SPARE)
+            opened.add(cand.key)
+            plan.admitted.append(cand)
+        return plan
+
+    def commit(self, key: bytes, *, size: int, position: int,
+               parent: bytes | None) -> list[bytes]:
+        """A reserved chunk is complete on disk. Returns keys evicted to stay in budget."""
+        self.index.add(key, group=key_group(key), position=position, size=size, parent=parent)
+        return self.enforce()
+
+    def abort(self, key: bytes) -> None:
+        """A reserved chunk was not written."""
+        self.index.release(key)
+
+    def enforce(self) -> list[bytes]:
+        """Evict what the budget or the policy's cleaner requires now."""
+        if self.budget is None:
+            return []
+        removed = self.remove(self.policy.cleanup(self.index, self.budget))
+        over = self.index.bytes_used - self.budget
+        if over > 0:
+            removed += self.remove(self.policy.victims(self.index, over, self._protected(None)))
+        return removed
+
+    def request_finished(self, request_id: str) -> None:
+        self._open.pop(request_id, None)
+
+    # ------------------------------------------------------------------ removal
+    def remove(self, keys: Iterable[bytes]) -> list[bytes]:
+        """Forget ``keys`` (and, per policy, the orphans they leave); returns what went."""
+        removed: list[bytes] = []
+        todo = list(keys)
+        orphans = getattr(self.policy, "orphans_of", None) if self.policy.reclaims_orphans else None
+        while todo:
+            key = todo.pop(0)
+            entry = self.index.get(key)
+            if entry is None or entry.pins:
+                continue
+            if orphans is not None:
+                todo += orphans(self.index, key)
+            self.index.remove(key)
+            removed.append(key)
+        return removed
+
+    def _protected(self, request: RequestView | None) -> set[bytes]:
+        keys: set[bytes] = set()
+        for opened in self._open.values():
+            keys |= opened
+        if request is not None:
+            keys.update(request.positions)
+        return keys

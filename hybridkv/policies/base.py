@@ -1,0 +1,90 @@
+"""The vocabulary of capacity policies: candidates, admission verdicts, the policy interface.
+
+A capacity policy decides which offered chunks are worth disk space
+(``admit``) and which stored chunks give way when the budget is full
+(``victims``). The same policy objects run inside the vLLM manager and inside
+the simulator (``hybridkv.sim``), driven by ``hybridkv.capacity.Capacity``.
+
+Invariants every policy keeps:
+- ``victims`` never names a pinned chunk (being loaded) nor one in ``protect``
+  (the offering request's own chunks);
+- ``victims`` names each key at most once and only stored keys;
+- policies hold no state that ``ChunkIndex`` cannot rebuild after a restart
+  (recency, parents and the ``spare`` flag live in the index).
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from hybridkv.index import ChunkIndex
+
+__all__ = ["Admission", "Candidate", "RequestView", "CapacityPolicy"]
+
+
+class Admission(enum.IntEnum):
+    """What to do with an offered chunk."""
+
+    #: never part of a servable hit: not stored
+    REJECT = 0
+    #: useful only by chance: stored into free space, never evicts, evicted first
+    SPARE = 1
+    #: stored, evicting chunks of lower utility if the budget is full
+    ADMIT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A chunk the engine offers to store."""
+
+    key: bytes
+    group: int
+    position: int  # end token of the chunk within its prefix
+    size: int  # bytes it will take on disk
+    parent: bytes | None  # the chunk of the same group it extends
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """What a policy knows about the request whose chunks are offered."""
+
+    request_id: str
+    #: every chunk key of the request known so far -> its end position
+    positions: Mapping[bytes, int]
+    #: prompt length, when the caller knows it
+    num_tokens: int | None = None
+
+
+class CapacityPolicy(ABC):
+    """Admission and eviction over a ``ChunkIndex``; see the module invariants."""
+
+    name: str = "abstract"
+    #: remove chunks that become unreachable when a chunk they depend on goes
+    reclaims_orphans: bool = False
+
+    def admit(self, batch: Sequence[Candidate], request: RequestView,
+              index: ChunkIndex) -> list[Admission]:
+        """One verdict per candidate (default: admit everything)."""
+        return [Admission.ADMIT] * len(batch)
+
+    @abstractmethod
+    def victims(self, index: ChunkIndex, needed: int,
+                protect: Collection[bytes] = ()) -> list[bytes]:
+        """Stored keys to delete, in order, freeing at least ``needed`` bytes if possible."""
+
+    def on_load(self, keys: Sequence[bytes], index: ChunkIndex) -> None:
+        """Chunks are being loaded for one hit (in group, then prefix order)."""
+        for key in keys:
+            index.touch(key)
+
+    def cleanup(self, index: ChunkIndex, budget: int) -> list[bytes]:
+        """Keys to delete after stores complete (a background cleaner); default none."""
+        return []
+
+
+def unpinned(index: ChunkIndex, protect: Collection[bytes]):
+    """Stored entries that may be evicted."""
+    return (e for e in index if not e.pins and e.key not in protect)
