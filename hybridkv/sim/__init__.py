@@ -1,0 +1,1 @@
+"""Hit-rate simulator: traces, model layouts, replay (imports no vLLM)."""

@@ -1,0 +1,183 @@
+"""Replay a trace against a capacity policy, exactly as the vLLM manager would run it.
+
+For each request in order: look up its chunk keys (one per group per complete
+256-token chunk), compute the hit every group can serve with
+``hit_rule.servable_tokens`` (the rule vLLM's connector applies), load and
+touch those chunks, then offer every chunk past the hit to
+``capacity.Capacity`` (the same object the vLLM manager drives) and store what
+it admits. Nothing is written to disk: chunks are sizes in a ``ChunkIndex``.
+The engine's own GPU prefix cache is not modelled (every hit is a disk hit).
+
+Invariants checked on every step (``check=True``, used by tests): the budget
+holds, and every reported hit is servable by every group from the index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+
+from hybridkv.capacity import Capacity
+from hybridkv.groups import GroupKind
+from hybridkv.hit_rule import load_window_chunks, servable_tokens
+from hybridkv.index import ChunkIndex
+from hybridkv.keys import make_key
+from hybridkv.policies import make_policy
+from hybridkv.policies.base import Candidate, RequestView
+from hybridkv.sim.layouts import SimModel
+from hybridkv.sim.traces import Request, Trace
+
+__all__ = ["GroupStats", "SimResult", "replay", "request_keys", "working_set_bytes"]
+
+#: pseudo-policy: no budget, store everything (the upper bound)
+UNBOUNDED = "unbounded"
+
+
+class GroupStats(msgspec.Struct, kw_only=True):
+    chunks_written: int = 0
+    bytes_written: int = 0
+    chunks_read: int = 0
+    bytes_read: int = 0
+    chunks_evicted: int = 0
+
+
+class SimResult(msgspec.Struct, kw_only=True):
+    trace: str
+    model: str
+    policy: str
+    budget_bytes: int | None
+    budget_fraction: float | None
+    requests: int
+    prompt_tokens: int
+    hit_tokens: int
+    token_hit_rate: float
+    flops_total: float
+    flops_saved: float
+    bytes_written: int
+    bytes_read: int
+    peak_bytes: int
+    stores_rejected: int
+    stores_skipped: int
+    groups: dict[str, GroupStats]
+    wall_s: float = 0.0
+
+    @property
+    def bytes_written_per_hit_token(self) -> float:
+        return self.bytes_written / max(1, self.hit_tokens)
+
+
+def request_keys(req: Request, model: SimModel, block_tokens: int) -> list[list[bytes]]:
+    """Per group (in layout order), the chunk keys of the request's complete chunks."""
+    out = []
+    for g in model.layout.groups:
+        per = g.chunk_tokens // block_tokens
+        if per * block_tokens != g.chunk_tokens:
+            raise ValueError(f"chunk of {g.chunk_tokens} tokens is not a multiple of the "
+                             f"trace's {block_tokens}-token blocks")
+        n = req.input_length // g.chunk_tokens
+        # a prefix id names the whole prefix: the chunk's last block id is its hash
+        out.append([make_key(req.hash_ids[(i + 1) * per - 1].to_bytes(8, "big"), g.index)
+                    for i in range(n)])
+    return out
+
+
+def working_set_bytes(trace: Trace, model: SimModel) -> int:
+    """Bytes of every distinct chunk of every group the trace produces (store everything)."""
+    seen: set[bytes] = set()
+    total = 0
+    sizes = {g.index: g.chunk_bytes for g in model.layout.groups}
+    for req in trace.requests:
+        for g, keys in zip(model.layout.groups, request_keys(req, model, trace.block_tokens)):
+            for k in keys:
+                if k not in seen:
+                    seen.add(k)
+                    total += sizes[g.index]
+    return total
+
+
+@dataclass
+class _Run:
+    model: SimModel
+    capacity: Capacity
+    check: bool
+    stats: dict[int, GroupStats] = field(default_factory=dict)
+    peak: int = 0
+
+
+def replay(trace: Trace, model: SimModel, policy: str, budget: int | None, *,
+           budget_fraction: float | None = None, checkpoint_interval: int = 0,
+           alpha: float = 1.0, check: bool = False) -> SimResult:
+    """Run ``trace`` through ``policy`` under ``budget`` bytes (None: unbounded)."""
+    import time
+
+    started = time.perf_counter()
+    layout = model.layout
+    index = ChunkIndex()
+    pol = make_policy("lru" if policy == UNBOUNDED else policy, layout, cost=model.cost,
+                      checkpoint_interval=checkpoint_interval, alpha=alpha)
+    cap = Capacity(index, pol, None if policy == UNBOUNDED else budget)
+    stats = {g.index: GroupStats() for g in layout.groups}
+    groups = layout.groups
+    hit_tokens = prompt_tokens = rejected = skipped = peak = 0
+    flops_total = flops_saved = 0.0
+    for n, req in enumerate(trace.requests):
+        keys = request_keys(req, model, trace.block_tokens)
+        by_group = {g.index: k for g, k in zip(groups, keys)}
+        hit = servable_tokens(groups, lambda g, i: by_group[g][i] in index, req.input_length)
+        hit_keys: list[bytes] = []
+        for g, gkeys in zip(groups, keys):
+            c = g.chunk_tokens
+            end = -(-hit // c)
+            window = load_window_chunks(g, hit) if hit else 0
+            loaded = gkeys[:end] if g.kind is GroupKind.FULL else gkeys[max(0, end - window):end]
+            for k in loaded:
+                entry = index.get(k)
+                if check:
+                    assert entry is not None, "a reported hit needs a chunk that is not stored"
+                stats[g.index].chunks_read += 1
+                stats[g.index].bytes_read += entry.size
+            hit_keys += loaded
+        if hit_keys:
+            pol.on_load(hit_keys, index)
+        prompt_tokens += req.input_length
+        hit_tokens += hit
+        flops_total += model.cost.prefill_flops(req.input_length)
+        flops_saved += model.cost.prefill_flops(hit)
+
+        positions = {k: (i + 1) * g.chunk_tokens
+                     for g, gkeys in zip(groups, keys) for i, k in enumerate(gkeys)}
+        batch = []
+        for g, gkeys in zip(groups, keys):
+            for i, k in enumerate(gkeys):
+                if (i + 1) * g.chunk_tokens > hit and k not in index:
+                    batch.append(Candidate(k, g.index, (i + 1) * g.chunk_tokens, g.chunk_bytes,
+                                           gkeys[i - 1] if i else None))
+        rid = f"r{n}"
+        plan = cap.plan_store(batch, RequestView(rid, positions, req.input_length))
+        rejected += len(plan.rejected)
+        skipped += len(plan.skipped)
+        evicted = list(plan.evicted)
+        peak = max(peak, index.bytes_used)
+        for cand in plan.admitted:
+            evicted += cap.commit(cand.key, size=cand.size, position=cand.position,
+                                  parent=cand.parent)
+            stats[cand.group].chunks_written += 1
+            stats[cand.group].bytes_written += cand.size
+        cap.request_finished(rid)
+        evicted += cap.enforce()
+        for k in evicted:
+            stats[int.from_bytes(k[-4:], "big")].chunks_evicted += 1
+        if check and cap.budget is not None:
+            assert index.bytes_used <= cap.budget, "budget exceeded"
+    return SimResult(
+        trace=trace.name, model=model.name, policy=policy, budget_bytes=budget,
+        budget_fraction=budget_fraction, requests=len(trace.requests),
+        prompt_tokens=prompt_tokens, hit_tokens=hit_tokens,
+        token_hit_rate=hit_tokens / max(1, prompt_tokens),
+        flops_total=flops_total, flops_saved=flops_saved,
+        bytes_written=sum(s.bytes_written for s in stats.values()),
+        bytes_read=sum(s.bytes_read for s in stats.values()),
+        peak_bytes=peak, stores_rejected=rejected, stores_skipped=skipped,
+        groups={f"{g.index}:{g.kind.value}": stats[g.index] for g in groups},
+        wall_s=time.perf_counter() - started)
