@@ -11,7 +11,10 @@ Invariants:
   ``plan_store``: a chunk that does not fit after eviction is skipped;
   ``commit`` evicts again if a file came out larger than its reservation.
 - Pinned chunks (being loaded) are never removed; chunks of requests still
-  storing (``open`` requests) are never chosen as victims.
+  storing (``open`` requests) are never chosen as victims, by eviction or by
+  a policy's cleaner.
+- With a policy that names spine groups (full attention), a chunk offered at or
+  past a spine chunk that did not fit is skipped too: it could never be hit.
 - With a policy that reclaims orphans, removing a chunk also removes every
   stored chunk that can no longer be part of any hit because of it.
 """
@@ -49,7 +52,9 @@ class Capacity:
         plan = StorePlan()
         verdicts = self.policy.admit(batch, request, self.index)
         # admitted chunks first (prefix order), then spare ones into what room is left
-        order = sorted(range(len(batch)), key=lambda i: (-verdicts[i], batch[i].position))
+        spine = self.policy.spine_groups
+        order = sorted(range(len(batch)), key=lambda i: (-verdicts[i], batch[i].position,
+                                                          batch[i].group not in spine))
         wanted = [i for i in order if verdicts[i] is not Admission.REJECT]
         plan.rejected = [batch[i] for i in order if verdicts[i] is Admission.REJECT]
         if self.budget is not None:
@@ -60,10 +65,17 @@ class Capacity:
                 plan.evicted = self.remove(self.policy.victims(self.index, short, protect))
         opened = self._open.setdefault(request.request_id, set())
         opened.update(request.positions)
+        spine = self.policy.spine_groups
+        cut = None  # a full-attention chunk here did not fit: nothing at or past it can hit
         for i in wanted:
             cand = batch[i]
+            if cut is not None and cand.position >= cut:
+                plan.skipped.append(cand)
+                continue
             if self.budget is not None and self.index.bytes_used + cand.size > self.budget:
                 plan.skipped.append(cand)
+                if cand.group in spine:
+                    cut = cand.position
                 continue
             self.index.reserve(cand.key, cand.size, position=cand.position, parent=cand.parent,
                                spare=verdicts[i] is Admission.SPARE)
@@ -85,7 +97,8 @@ class Capacity:
         """Evict what the budget or the policy's cleaner requires now."""
         if self.budget is None:
             return []
-        removed = self.remove(self.policy.cleanup(self.index, self.budget))
+        removed = self.remove(self.policy.cleanup(self.index, self.budget,
+                                                  self._protected(None)))
         over = self.index.bytes_used - self.budget
         if over > 0:
             removed += self.remove(self.policy.victims(self.index, over, self._protected(None)))

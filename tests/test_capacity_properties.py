@@ -759,4 +759,69 @@ def test_failed_load_reclaims_the_orphans_it_pinned(tmp_path):
         m.store.read(full[0])
     m.complete_load(load, second)
     assert full[0] not in m.index  # dropped, and with it ...
-    assert full[1] not in m.index and state[1] not in m.index  # ... its orphans (FAILS today)
+    assert full[1] not in m.index and state[1] not in m.index  # ... its orphans
+
+
+def test_chunks_past_a_spine_chunk_that_did_not_fit_are_skipped():
+    """A window chunk at or past a full-attention chunk that did not fit could never be hit."""
+    layout = make_layout((FULL, SLIDING), pages={FULL: 100, SLIDING: 50}, layers=ONE)
+    sim = Sim(layout, "group_aware", 220)
+    sim.name_all((0, 1))
+    hit, plan, evicted = sim.request((0, 1))  # F0 + W0 = 150 bytes; F01 needs 100 more
+    assert hit == 0 and not evicted
+    assert sim.names(c.key for c in plan.admitted) == {"F0", "W0"}
+    # W01 (50 bytes) would fit, but the spine breaks before it
+    assert sim.names(c.key for c in plan.skipped) == {"F01", "W01"}
+    assert sim.stored() == {"F0", "W0"}
+
+
+def test_watermark_cleaner_spares_chunks_of_a_request_still_storing():
+    layout = make_layout((FULL,), pages=TINY, layers=ONE)
+    index = ChunkIndex()
+    cap = Capacity(index, make_policy("watermark", layout), 1000)
+    open_req, later = request_keys(layout, (0, 1, 2))[0], request_keys(layout, (5, 6, 7, 8, 9, 4))[0]
+
+    def offer(rid, keys):
+        batch = [Candidate(k, 0, (i + 1) * C, 100, keys[i - 1] if i else None)
+                 for i, k in enumerate(keys)]
+        return cap.plan_store(batch, RequestView(rid, {c.key: c.position for c in batch}))
+
+    assert len(offer("open", open_req).admitted) == 3  # still storing: never finished
+    for i, k in enumerate(open_req):
+        cap.commit(k, size=100, position=(i + 1) * C, parent=open_req[i - 1] if i else None)
+    assert len(offer("later", later).admitted) == 6
+    for i, k in enumerate(later):  # both requests are storing: the cleaner finds nothing
+        assert cap.commit(k, size=100, position=(i + 1) * C,
+                          parent=later[i - 1] if i else None) == []
+    cap.request_finished("later")
+    evicted = cap.enforce()
+    # 900 bytes > 85% of 1000: the cleaner went down to 70%; the open request's chunks are
+    # the least recently used but are not touched, the finished one's oldest went
+    assert evicted == later[:2] and index.bytes_used == 700
+    assert all(k in index for k in open_req)
+    cap.request_finished("open")
+    assert set(cap.enforce()) == set()  # under the high watermark now: nothing more to do
+
+
+def test_manager_uses_the_prompt_length_for_chunk_aligned_repeats(tmp_path):
+    """A prompt of exactly two chunks: a repeat resumes at one chunk (its last token is
+    recomputed), so the state there is a checkpoint, not a spare, once the connector
+    told the manager the prompt length."""
+    layout = make_layout((FULL, STATE))
+    keys = request_keys(layout, (0, 1))
+
+    def offer(m, name):
+        ctx = ReqContext(req_id=name)
+        for ks in keys.values():
+            for i, k in enumerate(ks):
+                ctx.set_offload_key_position(k, (i + 1) * C)
+        m.prepare_store([*keys[0], *keys[1]], ctx)
+        return {i: m.index.get_any(k).spare for i, k in enumerate(keys[1])}
+
+    told = _manager(tmp_path / "told", layout)
+    told.note_prompt_tokens("r", 2 * C)
+    assert offer(told, "r") == {0: False, 1: False}
+    untold = _manager(tmp_path / "untold", layout)
+    assert offer(untold, "r") == {0: True, 1: False}
+    told.on_request_finished(ReqContext(req_id="r"))
+    assert "r" not in told._prompt_tokens

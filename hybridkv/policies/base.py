@@ -64,6 +64,9 @@ class CapacityPolicy(ABC):
     name: str = "abstract"
     #: remove chunks that become unreachable when a chunk they depend on goes
     reclaims_orphans: bool = False
+    #: groups every hit depends on from the start (full attention), for a
+    #: prefix-aware policy; a generic one leaves this empty
+    spine_groups: frozenset[int] = frozenset()
 
     def admit(self, batch: Sequence[Candidate], request: RequestView,
               index: ChunkIndex) -> list[Admission]:
@@ -80,8 +83,12 @@ class CapacityPolicy(ABC):
         for key in keys:
             index.touch(key)
 
-    def cleanup(self, index: ChunkIndex, budget: int) -> list[bytes]:
-        """Keys to delete after stores complete (a background cleaner); default none."""
+    def cleanup(self, index: ChunkIndex, budget: int,
+                protect: Collection[bytes] = ()) -> list[bytes]:
+        """Keys to delete after stores complete (a background cleaner); default none.
+
+        Like ``victims``, never names a pinned key nor one in ``protect``.
+        """
         return []
 
 

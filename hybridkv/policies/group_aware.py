@@ -90,6 +90,7 @@ class GroupAwarePolicy(CapacityPolicy):
         self.checkpoint_interval = checkpoint_interval
         self.alpha = alpha
         self._groups = {g.index: g for g in layout.groups}
+        self.spine_groups = frozenset(g.index for g in full)
 
     # ------------------------------------------------------------------ admission
     def admit(self, batch: Sequence[Candidate], request: RequestView,

@@ -33,7 +33,8 @@ class WatermarkPolicy(CapacityPolicy):
                 protect: Collection[bytes] = ()) -> list[bytes]:
         return []
 
-    def cleanup(self, index: ChunkIndex, budget: int) -> list[bytes]:
+    def cleanup(self, index: ChunkIndex, budget: int,
+                protect: Collection[bytes] = ()) -> list[bytes]:
         if index.bytes_used <= self.high * budget:
             return []
-        return lru_order(index, index.bytes_used - int(self.low * budget))
+        return lru_order(index, index.bytes_used - int(self.low * budget), protect)

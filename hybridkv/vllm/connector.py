@@ -44,6 +44,11 @@ class HybridKVConnector(OffloadingConnector):
         with kv_cache_config_context(kv_cache_config, hidden_size=hidden):
             super().__init__(vllm_config, role, kv_cache_config)
 
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        # the policy's likely hit points depend on the prompt length (chunk-aligned repeats)
+        self.scheduler.manager.note_prompt_tokens(request.request_id, request.num_prompt_tokens)
+        return super().get_num_new_matched_tokens(request, num_computed_tokens)
+
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
         super().update_state_after_alloc(request, blocks, num_external_tokens)
         if num_external_tokens:

@@ -60,6 +60,7 @@ class HybridKVManager(OffloadingManager):
         self._events: list[OffloadingEvent] = []
         self._miss_checked: dict[bytes, float] = {}
         self._chunk_tokens = {g.index: g.chunk_tokens for g in self.layout.groups}
+        self._prompt_tokens: dict[str, int] = {}  # request id -> prompt length
         started = time.monotonic()
         removed_tmp = store.clean_temp()
         self.index = ChunkIndex.rebuild(store)
@@ -150,7 +151,8 @@ class HybridKVManager(OffloadingManager):
             batch.append(Candidate(
                 key, group, position, self.layout.group(group).chunk_bytes + HEADER_ALLOWANCE,
                 by_position.get((group, position - self._chunk_tokens[group]))))
-        plan = self.capacity.plan_store(batch, RequestView(req_context.req_id, positions))
+        plan = self.capacity.plan_store(batch, RequestView(
+            req_context.req_id, positions, self._prompt_tokens.get(req_context.req_id)))
         for cand in plan.rejected:
             self.counters.add("stores_not_admitted", 1, cand.group)
         for cand in plan.skipped:
@@ -194,8 +196,13 @@ class HybridKVManager(OffloadingManager):
         self._delete(evicted)
         self.counters.flush()
 
+    def note_prompt_tokens(self, req_id: str, num_tokens: int) -> None:
+        """The connector tells the prompt length of a request before its stores."""
+        self._prompt_tokens[req_id] = num_tokens
+
     def on_request_finished(self, req_context: ReqContext) -> None:
         self.capacity.request_finished(req_context.req_id)
+        self._prompt_tokens.pop(req_context.req_id, None)
 
     # ------------------------------------------------------------------ eviction
     def _delete(self, keys: list[bytes]) -> None:
