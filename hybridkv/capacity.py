@@ -59,10 +59,13 @@ class Capacity:
         plan.rejected = [batch[i] for i in order if verdicts[i] is Admission.REJECT]
         if self.budget is not None:
             need = sum(batch[i].size for i in wanted if verdicts[i] is Admission.ADMIT)
+            spare = sum(batch[i].size for i in wanted if verdicts[i] is Admission.SPARE)
             short = self.index.bytes_used + need - self.budget
-            if short > 0:
+            extra = min(spare, self.index.bytes_used + need + spare - self.budget)
+            if short > 0 or extra > 0:
                 protect = self._protected(request)
-                plan.evicted = self.remove(self.policy.victims(self.index, short, protect))
+                plan.evicted = self.remove(self.policy.victims(
+                    self.index, max(0, short), protect, expendable=max(0, extra)))
         opened = self._open.setdefault(request.request_id, set())
         opened.update(request.positions)
         spine = self.policy.spine_groups

@@ -34,7 +34,7 @@ class ChunkEntry:
     created: int = 0
     last_hit: int = 0
     pins: int = 0
-    #: admitted only into free space (not at a likely hit point): evicted first
+    #: admitted as SPARE (not at a likely hit point): evicted before checkpoints
     spare: bool = False
     children: set[bytes] = field(default_factory=set)
 

@@ -825,3 +825,33 @@ def test_manager_uses_the_prompt_length_for_chunk_aligned_repeats(tmp_path):
     assert offer(untold, "r") == {0: True, 1: False}
     told.on_request_finished(ReqContext(req_id="r"))
     assert "r" not in told._prompt_tokens
+
+
+def test_a_spare_chunk_replaces_older_spare_ones_never_a_checkpoint():
+    """A full disk still takes a spare chunk in place of an older spare (or dead) one."""
+    layout = make_layout((FULL, STATE), pages=TINY, layers=ONE)
+    ids, other = (0, 1, 2, 3), (7, 8, 9)
+    sim = Sim(layout, "group_aware", 700)
+    sim.name_all(ids, other)
+    _, plan, _ = sim.request(ids)
+    assert sim.stored() == {"F0", "F01", "F012", "F0123", "S0123", "S0", "S01"}
+    assert sim.names(c.key for c in plan.skipped) == {"S012"}  # skipped: no room then
+
+    keys = sim.keys(other)  # another request offers only its state at 16 (not its end: spare)
+    s7 = Candidate(keys[1][0], 1, C, 100, None)
+    view = RequestView("other", {k: (i + 1) * C for ks in keys.values()
+                                 for i, k in enumerate(ks)}, len(other) * C + 5)
+    assert sim.cap.policy.admit([s7], view, sim.index) == [Admission.SPARE]
+    sim.index.touch(sim.keys(ids)[1][0])  # S0 is now the more recently used spare
+    plan = sim.cap.plan_store([s7], view)
+    assert sim.names(c.key for c in plan.admitted) == {"S7"}
+    assert sim.names(plan.evicted) == {"S01"}  # the least recently used spare state
+    sim.cap.request_finished("other")
+
+    # with no spare or dead chunk left to replace, a spare is skipped, checkpoints stay
+    sim = Sim(layout, "group_aware", 500)
+    sim.name_all(ids, other)
+    sim.request(ids)
+    assert sim.stored() == {"F0", "F01", "F012", "F0123", "S0123"}
+    plan = sim.cap.plan_store([s7], view)
+    assert not plan.admitted and not plan.evicted and len(plan.skipped) == 1

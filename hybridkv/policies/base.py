@@ -30,7 +30,9 @@ class Admission(enum.IntEnum):
 
     #: never part of a servable hit: not stored
     REJECT = 0
-    #: useful only by chance: stored into free space, never evicts, evicted first
+    #: useful only by chance: stored into free space or in place of chunks worth less
+    #: (dead ones, older spare ones; a policy without that notion: none); never
+    #: evicts a checkpoint; evicted before checkpoints
     SPARE = 1
     #: stored, evicting chunks of lower utility if the budget is full
     ADMIT = 2
@@ -74,9 +76,13 @@ class CapacityPolicy(ABC):
         return [Admission.ADMIT] * len(batch)
 
     @abstractmethod
-    def victims(self, index: ChunkIndex, needed: int,
-                protect: Collection[bytes] = ()) -> list[bytes]:
-        """Stored keys to delete, in order, freeing at least ``needed`` bytes if possible."""
+    def victims(self, index: ChunkIndex, needed: int, protect: Collection[bytes] = (), *,
+                expendable: int = 0) -> list[bytes]:
+        """Stored keys to delete, in order, freeing at least ``needed`` bytes if possible.
+
+        ``expendable``: up to that many more bytes for ``SPARE`` candidates, taken only
+        from chunks worth less than any spare one (a policy without that notion, none).
+        """
 
     def on_load(self, keys: Sequence[bytes], index: ChunkIndex) -> None:
         """Chunks are being loaded for one hit (in group, then prefix order)."""

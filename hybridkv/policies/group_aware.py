@@ -13,7 +13,9 @@ the request's likely hit points (``hit_points``).
 Eviction order, when bytes are needed:
 1. dead chunks, least recently used first (orphans are reclaimed here and,
    eagerly, by ``orphans_of`` when a chunk is removed);
-2. ``SPARE`` chunks (stored into free space, never loaded since);
+2. ``SPARE`` chunks (stored into free space or in place of dead and older
+   spare chunks, least recently used first); a spare candidate may evict
+   only these two kinds (``expendable`` bytes), never a hit point;
 3. hit points, lowest utility first: a retired hit point releases every chunk
    no remaining hit point needs (its state, window chunks no other point uses,
    and spine chunks with no hit point left at or below them, so deeper chunks
@@ -110,8 +112,8 @@ class GroupAwarePolicy(CapacityPolicy):
             index.mark_hit(max(spine, key=lambda e: e.position).key)
 
     # ------------------------------------------------------------------ eviction
-    def victims(self, index: ChunkIndex, needed: int,
-                protect: Collection[bytes] = ()) -> list[bytes]:
+    def victims(self, index: ChunkIndex, needed: int, protect: Collection[bytes] = (), *,
+                expendable: int = 0) -> list[bytes]:
         a = self.analyze(index)
         chosen: list[bytes] = []
         taken: set[bytes] = set()
@@ -127,7 +129,7 @@ class GroupAwarePolicy(CapacityPolicy):
             freed += entry.size
 
         for key in a.dead + a.spare:
-            if freed >= needed:
+            if freed >= needed + expendable:
                 return chosen
             take(key)
         # retire hit points, lowest utility first; a chunk goes once no remaining point needs it

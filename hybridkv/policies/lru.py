@@ -29,6 +29,6 @@ def lru_order(index: ChunkIndex, needed: int, protect: Collection[bytes] = ()) -
 class LRUPolicy(CapacityPolicy):
     name = "lru"
 
-    def victims(self, index: ChunkIndex, needed: int,
-                protect: Collection[bytes] = ()) -> list[bytes]:
+    def victims(self, index: ChunkIndex, needed: int, protect: Collection[bytes] = (), *,
+                expendable: int = 0) -> list[bytes]:
         return lru_order(index, needed, protect)

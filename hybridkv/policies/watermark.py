@@ -29,8 +29,8 @@ class WatermarkPolicy(CapacityPolicy):
               index: ChunkIndex) -> list[Admission]:
         return [Admission.SPARE] * len(batch)  # free space only: the writer never evicts
 
-    def victims(self, index: ChunkIndex, needed: int,
-                protect: Collection[bytes] = ()) -> list[bytes]:
+    def victims(self, index: ChunkIndex, needed: int, protect: Collection[bytes] = (), *,
+                expendable: int = 0) -> list[bytes]:
         return []
 
     def cleanup(self, index: ChunkIndex, budget: int,
