@@ -138,6 +138,9 @@ def test_benchmark_tiny(tmp_path, capsys):
     if lru > 0:
         assert j["ratio"] == pytest.approx(ga / lru)
         assert j["met"] == (ga / lru >= 2.0)
+        assert j["unbounded"] == ub
+        assert j["max_possible_ratio"] == pytest.approx(ub / lru)
+        assert j["ratio"] <= j["max_possible_ratio"]
     assert t["ratio_at_25pct"]["met"] == j["met"]
     b = t["group_aware_ge_lru"]
     assert b["checked"] == 4
