@@ -28,7 +28,11 @@ from hybridkv.index import ChunkIndex
 from hybridkv.keys import key_group
 from hybridkv.policies.base import Admission, Candidate, CapacityPolicy, RequestView
 
-__all__ = ["Capacity", "StorePlan"]
+__all__ = ["Capacity", "StorePlan", "DEFAULT_HEADROOM"]
+
+#: fraction of the budget freed beyond the shortfall when eviction runs: a policy's
+#: victim search costs time linear in the stored chunks, so it should run rarely
+DEFAULT_HEADROOM = 0.02
 
 
 @dataclass(slots=True)
@@ -40,10 +44,17 @@ class StorePlan:
 
 
 class Capacity:
-    def __init__(self, index: ChunkIndex, policy: CapacityPolicy, budget: int | None = None):
+    def __init__(self, index: ChunkIndex, policy: CapacityPolicy, budget: int | None = None,
+                 *, headroom: float = DEFAULT_HEADROOM):
+        if not 0.0 <= headroom < 1.0:
+            raise ValueError(f"headroom must be in [0, 1), got {headroom}")
         self.index = index
         self.policy = policy
         self.budget = budget
+        #: bytes freed beyond the shortfall when eviction runs, so it runs rarely
+        self.headroom = int(budget * headroom) if budget is not None else 0
+        #: how many times the policy was asked for victims on the store path
+        self.victim_calls = 0
         self._open: dict[str, set[bytes]] = {}
 
     # ------------------------------------------------------------------ stores
@@ -64,6 +75,11 @@ class Capacity:
             extra = min(spare, self.index.bytes_used + need + spare - self.budget)
             if short > 0 or extra > 0:
                 protect = self._protected(request)
+                self.victim_calls += 1
+                if short > 0:
+                    short += self.headroom
+                else:
+                    extra += self.headroom
                 plan.evicted = self.remove(self.policy.victims(
                     self.index, max(0, short), protect, expendable=max(0, extra)))
         opened = self._open.setdefault(request.request_id, set())

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from hybridkv.capacity import DEFAULT_HEADROOM
 from hybridkv.policies import POLICY_NAMES
 from hybridkv.store.fileio import DURABILITY_CHOICES
 
@@ -72,6 +73,8 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
     eviction_policy: str = "group_aware"
     #: also keep windows / states every this many chunks (0: only at request ends and branches)
     checkpoint_interval: int = 0
+    #: fraction of disk_budget freed beyond the need when eviction runs (fewer, larger runs)
+    eviction_headroom: float = DEFAULT_HEADROOM
 
     @property
     def cache_path(self) -> Path:
@@ -125,6 +128,12 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError(
                     f"checkpoint_interval: expected a number of chunks >= 0 (0: off), got {k!r}")
             kwargs["checkpoint_interval"] = k
+        if "eviction_headroom" in extra:
+            h = extra["eviction_headroom"]
+            if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 <= h <= 0.5:
+                raise ConfigError(
+                    f"eviction_headroom: expected a fraction of disk_budget in 0..0.5, got {h!r}")
+            kwargs["eviction_headroom"] = float(h)
         return cls(**kwargs)
 
     def check_directory(self) -> None:

@@ -14,6 +14,8 @@ Invariant: ``prefill_flops`` is increasing in ``n`` and ``prefill_flops(0) == 0`
 
 from __future__ import annotations
 
+import functools
+
 import msgspec
 
 from hybridkv.groups import GroupKind, HybridLayout
@@ -33,9 +35,10 @@ class PrefillCost(msgspec.Struct, frozen=True, kw_only=True):
         """FLOPs to prefill the first ``n`` tokens of a prompt."""
         if n <= 0:
             return 0.0
+        full_q, windows = _aggregate(self.full_q_dims, self.window_layers)
         flops = self.linear * n
-        flops += 4.0 * sum(self.full_q_dims) * n * (n + 1) / 2
-        for q_dim, window in self.window_layers:
+        flops += 4.0 * full_q * n * (n + 1) / 2
+        for window, q_dim in windows:
             inside = min(n, window)
             pairs = inside * (inside + 1) / 2 + (n - inside) * window
             flops += 4.0 * q_dim * pairs
@@ -56,3 +59,13 @@ class PrefillCost(msgspec.Struct, frozen=True, kw_only=True):
         windows = tuple((hidden_size, int(g.window_tokens or 0))
                         for g in layout.groups_of(GroupKind.SLIDING) for _ in g.layer_names)
         return cls(linear=2.0 * params, full_q_dims=full, window_layers=windows)
+
+
+@functools.cache
+def _aggregate(full_q_dims: tuple[int, ...], window_layers: tuple[tuple[int, int], ...]
+               ) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """Summed query widths: of full-attention layers, and per window size."""
+    per_window: dict[int, int] = {}
+    for q_dim, window in window_layers:
+        per_window[window] = per_window.get(window, 0) + q_dim
+    return sum(full_q_dims), tuple(sorted(per_window.items()))

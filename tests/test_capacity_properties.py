@@ -550,10 +550,12 @@ ONE = {FULL: 1, SLIDING: 1, STATE: 1}
 class Sim:
     """Requests through ``Capacity`` as the manager drives it, without files."""
 
-    def __init__(self, layout: HybridLayout, policy: str, budget: int | None):
+    def __init__(self, layout: HybridLayout, policy: str, budget: int | None,
+                 headroom: float = 0.0):
         self.layout = layout
         self.index = ChunkIndex()
-        self.cap = Capacity(self.index, make_policy(policy, layout), budget)
+        # exact sizes: no headroom unless a test asks for it
+        self.cap = Capacity(self.index, make_policy(policy, layout), budget, headroom=headroom)
         self.n = 0
         self._name: dict[bytes, str] = {}
 
@@ -855,3 +857,21 @@ def test_a_spare_chunk_replaces_older_spare_ones_never_a_checkpoint():
     assert sim.stored() == {"F0", "F01", "F012", "F0123", "S0123"}
     plan = sim.cap.plan_store([s7], view)
     assert not plan.admitted and not plan.evicted and len(plan.skipped) == 1
+
+
+@pytest.mark.parametrize("policy", ["group_aware", "lru"])
+def test_headroom_frees_more_than_needed_so_eviction_runs_rarely(policy):
+    """Requests of 2 chunks each into a budget of 10: with 20% headroom an eviction frees
+    the shortfall plus 2 chunks, so it runs on every other request instead of every one."""
+    layout = make_layout((FULL,), pages=TINY, layers=ONE)
+    calls = {}
+    for headroom in (0.0, 0.2):
+        sim = Sim(layout, policy, 1000, headroom=headroom)
+        for n in range(20):
+            sim.request((n, 100 + n))
+            assert sim.index.bytes_used <= 1000
+        calls[headroom] = sim.cap.victim_calls
+    assert calls[0.0] == 15  # full after 5 requests, then one eviction per request
+    assert calls[0.2] == 8
+    with pytest.raises(ValueError, match="headroom"):
+        Capacity(ChunkIndex(), make_policy(policy, layout), 1000, headroom=1.5)

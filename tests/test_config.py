@@ -30,6 +30,7 @@ def test_defaults(tmp_path):
                                           "blocks_per_chunk": 2})
     assert c.cache_dir == str(tmp_path) and c.disk_budget is None
     assert c.durability == "none" and c.file_mode == 0o600
+    assert c.eviction_policy == "group_aware" and c.eviction_headroom == 0.02
 
 
 @pytest.mark.parametrize("extra,names", [
@@ -40,6 +41,10 @@ def test_defaults(tmp_path):
     ({"cache_dir": "/x", "durability": "paranoid"}, "durability"),
     ({"cache_dir": "/x", "file_mode": "rw-r--r--"}, "file_mode"),
     ({"cache_dir": "/x", "io_threads": 0}, "io_threads"),
+    ({"cache_dir": "/x", "eviction_policy": "fifo"}, "eviction_policy"),
+    ({"cache_dir": "/x", "checkpoint_interval": -1}, "checkpoint_interval"),
+    ({"cache_dir": "/x", "eviction_headroom": 0.9}, "eviction_headroom"),
+    ({"cache_dir": "/x", "eviction_headroom": "2%"}, "eviction_headroom"),
     ({}, "cache_dir"),
 ])
 def test_bad_settings_name_the_key(extra, names, monkeypatch):
@@ -50,8 +55,10 @@ def test_bad_settings_name_the_key(extra, names, monkeypatch):
 
 def test_modes_and_budget(tmp_path):
     c = HybridKVConfig.from_extra_config({"cache_dir": str(tmp_path), "file_mode": "0o640",
-                                          "disk_budget": "2GiB", "durability": "full"})
+                                          "disk_budget": "2GiB", "durability": "full",
+                                          "eviction_headroom": 0})
     assert c.file_mode == 0o640 and c.disk_budget == 2 * 2**30 and c.durability == "full"
+    assert c.eviction_headroom == 0.0
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

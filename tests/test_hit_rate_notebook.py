@@ -169,3 +169,22 @@ def test_benchmark_trace_file(tmp_path):
     assert doc["targets"]["group_aware_ge_lru"]["checked"] == 4
     with pytest.raises(SystemExit):
         bench.main(["--trace-file", str(path), "--block-tokens", "100", "--out", str(out)])
+
+
+@pytest.mark.slow
+def test_policy_overhead_benchmark(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "policy_overhead", ROOT / "benchmarks" / "policy_overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "po.json"
+    doc = bench.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
+    rows = doc["victims_scaling"]
+    assert {r["model"] for r in rows} == {"gemma3_27b", "jamba_mini", "qwen3_next_80b"}
+    for r in rows:
+        assert r["chunks"] >= 1000 and r["group_aware_ms"] > 0 and r["lru_ms"] > 0
+    for r in doc["headroom"]:
+        # freeing headroom can only make eviction decisions rarer
+        assert 0 < r["victim_calls_default"] <= r["victim_calls_no_headroom"]
+        assert 0 < r["hit_rate_default"] <= 1 and 0 < r["hit_rate_no_headroom"] <= 1

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from hybridkv.capacity import Capacity
+from hybridkv.capacity import DEFAULT_HEADROOM, Capacity
 from hybridkv.groups import GroupKind
 from hybridkv.hit_rule import load_window_chunks, servable_tokens
 from hybridkv.index import ChunkIndex
@@ -59,6 +59,8 @@ class SimResult(msgspec.Struct, kw_only=True):
     peak_bytes: int
     stores_rejected: int
     stores_skipped: int
+    #: eviction decisions on the store path (each scans the index once)
+    victim_calls: int
     groups: dict[str, GroupStats]
     wall_s: float = 0.0
 
@@ -107,7 +109,8 @@ class _Run:
 
 def replay(trace: Trace, model: SimModel, policy: str, budget: int | None, *,
            budget_fraction: float | None = None, checkpoint_interval: int = 0,
-           alpha: float = 1.0, check: bool = False) -> SimResult:
+           alpha: float = 1.0, headroom: float = DEFAULT_HEADROOM,
+           check: bool = False) -> SimResult:
     """Run ``trace`` through ``policy`` under ``budget`` bytes (None: unbounded)."""
     import time
 
@@ -116,7 +119,7 @@ def replay(trace: Trace, model: SimModel, policy: str, budget: int | None, *,
     index = ChunkIndex()
     pol = make_policy("lru" if policy == UNBOUNDED else policy, layout, cost=model.cost,
                       checkpoint_interval=checkpoint_interval, alpha=alpha)
-    cap = Capacity(index, pol, None if policy == UNBOUNDED else budget)
+    cap = Capacity(index, pol, None if policy == UNBOUNDED else budget, headroom=headroom)
     stats = {g.index: GroupStats() for g in layout.groups}
     groups = layout.groups
     hit_tokens = prompt_tokens = rejected = skipped = peak = 0
@@ -179,5 +182,6 @@ def replay(trace: Trace, model: SimModel, policy: str, budget: int | None, *,
         bytes_written=sum(s.bytes_written for s in stats.values()),
         bytes_read=sum(s.bytes_read for s in stats.values()),
         peak_bytes=peak, stores_rejected=rejected, stores_skipped=skipped,
+        victim_calls=cap.victim_calls,
         groups={f"{g.index}:{g.kind.value}": stats[g.index] for g in groups},
         wall_s=time.perf_counter() - started)

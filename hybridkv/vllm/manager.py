@@ -64,7 +64,8 @@ class HybridKVManager(OffloadingManager):
         started = time.monotonic()
         removed_tmp = store.clean_temp()
         self.index = ChunkIndex.rebuild(store)
-        self.capacity = Capacity(self.index, policy or LRUPolicy(), config.disk_budget)
+        self.capacity = Capacity(self.index, policy or LRUPolicy(), config.disk_budget,
+                                 headroom=config.eviction_headroom)
         self.counters.add("startup_chunks", len(self.index))
         self.counters.add("startup_tmp_removed", removed_tmp)
         log.info("hybridkv: %d chunks (%.1f MiB) found in %s in %.2fs; %d stale temp files "
