@@ -29,6 +29,7 @@ test-fast: setup
 bench: setup
 	$(PY) benchmarks/io_throughput.py --out io_throughput.json
 	$(PY) benchmarks/hit_rate.py --out hit_rate.json
+	$(PY) benchmarks/policy_overhead.py --out policy_overhead.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
