@@ -59,7 +59,11 @@ class Capacity:
 
     # ------------------------------------------------------------------ stores
     def plan_store(self, batch: Sequence[Candidate], request: RequestView) -> StorePlan:
-        """Decide which offered chunks to write; reserve their bytes; evict to make room."""
+        """Decide which offered chunks to write; reserve their bytes; evict to make room.
+
+        When eviction runs it frees ``headroom`` bytes beyond the need (from any chunk
+        for admitted candidates, from chunks worth less than a spare one otherwise).
+        """
         plan = StorePlan()
         verdicts = self.policy.admit(batch, request, self.index)
         # admitted chunks first (prefix order), then spare ones into what room is left
@@ -84,7 +88,6 @@ class Capacity:
                     self.index, max(0, short), protect, expendable=max(0, extra)))
         opened = self._open.setdefault(request.request_id, set())
         opened.update(request.positions)
-        spine = self.policy.spine_groups
         cut = None  # a full-attention chunk here did not fit: nothing at or past it can hit
         for i in wanted:
             cand = batch[i]
