@@ -510,7 +510,11 @@ def test_sigkill_mid_store_then_two_engines_restart_on_one_dir(model, baseline, 
             assert reqs[f"2:{name}"]["num_cached_tokens"] >= 512, (i, name)
         final = report["final_stats"]["all"]
         assert final.get("load_failures", 0) == 0 and final.get("store_failures", 0) == 0
-        assert final.get("chunks_written", 0) > 0, f"engine {i} wrote nothing"
+    # the new prefixes were written by one engine or both: an engine that finds another's
+    # file for a key skips it, so on a 2-core box one engine may be far enough ahead to
+    # write everything (seen in CI: the other wrote 0 chunks and loaded 72, no failure)
+    stored = [r["final_stats"]["all"].get("chunks_written", 0) for r in reports]
+    assert sum(stored) > 0, stored
     # the killed engine's temp files were removed at start, nothing else is left
     removed = sum(r["final_stats"]["all"].get("startup_tmp_removed", 0) for r in reports)
     assert removed == len(temps)
