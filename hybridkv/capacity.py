@@ -66,10 +66,13 @@ class Capacity:
         """
         plan = StorePlan()
         verdicts = self.policy.admit(batch, request, self.index)
-        # admitted chunks first (prefix order), then spare ones into what room is left
+        # admitted chunks first (prefix order), then spare ones into what room is left,
+        # deepest first: later requests resume most often just short of where this one ends
         spine = self.policy.spine_groups
-        order = sorted(range(len(batch)), key=lambda i: (-verdicts[i], batch[i].position,
-                                                          batch[i].group not in spine))
+        order = sorted(range(len(batch)), key=lambda i: (
+            -verdicts[i],
+            -batch[i].position if verdicts[i] is Admission.SPARE else batch[i].position,
+            batch[i].group not in spine))
         wanted = [i for i in order if verdicts[i] is not Admission.REJECT]
         plan.rejected = [batch[i] for i in order if verdicts[i] is Admission.REJECT]
         if self.budget is not None:

@@ -611,13 +611,14 @@ def test_group_aware_keeps_shared_prefix_and_newest_end_state():
     Full attention + state, every chunk 100 bytes, budget 700 (7 chunks).
     A = 0 1 2 3 and B = 0 1 5 6, each with a 5-token tail (the hit point is
     the end, 64 tokens). A stores its spine and its end state (admitted), then
-    the states at 16 and 32 as spare chunks into free space (the one at 48 no
-    longer fits). B hits 32 tokens (spine 0 1 plus A's spare state at 32) and
-    needs 300 bytes for its branch: the older branch's deeper chunks (spine
-    0 1 2, 0 1 2 3 and its end state) go, and B's end state is stored.
-    A third, unrelated request then needs 200 bytes: the spare state at 16 and
-    the least useful hit point (the fork at 32, older than B's end) go; the
-    shared ancestors 0 and 0 1 stay because B's end still needs them.
+    spare states into free space, deepest first: 48 and 32 fit, 16 does not.
+    B hits 32 tokens (spine 0 1 plus A's spare state at 32, now a checkpoint)
+    and needs 300 bytes for its branch: the older branch's deeper chunks go
+    (its spare state at 48 first: within a chunk of A's end it goes with its
+    hit point, by utility), and B's end state and its spare state at 48 are
+    stored. A third, unrelated request then needs 200 bytes: the least useful
+    hit points go (the fork at 32, older than B's end, and B's spare point at
+    48); the shared ancestors 0 and 0 1 stay because B's end still needs them.
     """
     layout = make_layout((FULL, STATE), pages=TINY, layers=ONE)
     sim = Sim(layout, "group_aware", 700)
@@ -627,20 +628,20 @@ def test_group_aware_keeps_shared_prefix_and_newest_end_state():
     hit, plan, evicted = sim.request(a)
     assert hit == 0 and not evicted
     assert sim.names(c.key for c in plan.admitted) == {
-        "F0", "F01", "F012", "F0123", "S0123", "S0", "S01"}
-    assert sim.names(c.key for c in plan.skipped) == {"S012"}
+        "F0", "F01", "F012", "F0123", "S0123", "S012", "S01"}
+    assert sim.names(c.key for c in plan.skipped) == {"S0"}  # spare, deepest first: no room
     assert {sim.names([c.key]).pop(): sim.index.get(c.key).spare for c in plan.admitted
-            if c.group == 1} == {"S0123": False, "S0": True, "S01": True}
+            if c.group == 1} == {"S0123": False, "S012": True, "S01": True}
 
     hit, plan, evicted = sim.request(b)
     assert hit == 32  # spine 0 1 and the state at 32
-    assert sim.names(evicted) == {"F012", "F0123", "S0123"}
-    assert sim.stored() == {"F0", "F01", "S0", "S01", "F015", "F0156", "S0156"}
-    assert sim.names(c.key for c in plan.skipped) == {"S015"}  # spare, no room left
+    assert sim.names(evicted) == {"F012", "F0123", "S012", "S0123"}
+    assert sim.stored() == {"F0", "F01", "S01", "F015", "F0156", "S0156", "S015"}
+    assert sim.index.get(sim.keys(b)[1][2]).spare and not plan.skipped
 
     hit, plan, evicted = sim.request((7,))
     assert hit == 0 and sim.names(c.key for c in plan.admitted) == {"F7", "S7"}
-    assert sim.names(evicted) == {"S0", "S01"}
+    assert sim.names(evicted) == {"S01", "S015"}
     assert sim.stored() == {"F0", "F01", "F015", "F0156", "S0156", "F7", "S7"}
     assert sim.index.bytes_used == 700
 
@@ -709,11 +710,12 @@ def test_non_checkpoint_state_is_spare_and_goes_before_checkpoints():
     sim = Sim(layout, "group_aware", 700)
     sim.name_all(ids, (5,), (6, 6))
     sim.request(ids)
-    assert sim.stored() == {"F0", "F01", "F012", "F0123", "S0123", "S0", "S01"}
-    assert [sim.index.get(k).spare for k in sim.keys(ids)[1][:2]] == [True, True]
+    assert sim.stored() == {"F0", "F01", "F012", "F0123", "S0123", "S012", "S01"}
+    assert [sim.index.get(k).spare for k in sim.keys(ids)[1][1:3]] == [True, True]
     # ... and are the first to go: a request needing 200 bytes takes both, not the checkpoint
+    # (the one at 16 as expendable, the one a chunk short of the end as the least useful point)
     _, plan, evicted = sim.request((5,))
-    assert sim.names(evicted) == {"S0", "S01"}
+    assert sim.names(evicted) == {"S01", "S012"}
     assert sim.stored() == {"F0", "F01", "F012", "F0123", "S0123", "F5", "S5"}
     # a checkpoint retired takes its whole spine once no other checkpoint needs it (in a
     # state model a spine without a state serves no hit); the newer checkpoint stays
@@ -829,34 +831,63 @@ def test_manager_uses_the_prompt_length_for_chunk_aligned_repeats(tmp_path):
     assert "r" not in told._prompt_tokens
 
 
-def test_a_spare_chunk_replaces_older_spare_ones_never_a_checkpoint():
-    """A full disk still takes a spare chunk in place of an older spare (or dead) one."""
+def test_a_spare_chunk_replaces_far_spare_ones_never_a_checkpoint():
+    """A full disk still takes a spare chunk in place of a dead one or of a spare one far
+    from its request's end (widest gap first), never a checkpoint, never a spare chunk
+    within a chunk of a checkpoint (a follow-up that changes only the tail resumes there)."""
     layout = make_layout((FULL, STATE), pages=TINY, layers=ONE)
-    ids, other = (0, 1, 2, 3), (7, 8, 9)
-    sim = Sim(layout, "group_aware", 700)
+    ids, other = (0, 1, 2, 3, 4), (7, 8, 9)
+    sim = Sim(layout, "group_aware", 900)
     sim.name_all(ids, other)
     _, plan, _ = sim.request(ids)
-    assert sim.stored() == {"F0", "F01", "F012", "F0123", "S0123", "S0", "S01"}
-    assert sim.names(c.key for c in plan.skipped) == {"S012"}  # skipped: no room then
+    # spare states go in deepest first: 64, 48 and 32 fit, 16 does not
+    assert sim.stored() == {"F0", "F01", "F012", "F0123", "F01234", "S01234",
+                            "S0123", "S012", "S01"}
+    assert sim.names(c.key for c in plan.skipped) == {"S0"}
 
     keys = sim.keys(other)  # another request offers only its state at 16 (not its end: spare)
     s7 = Candidate(keys[1][0], 1, C, 100, None)
     view = RequestView("other", {k: (i + 1) * C for ks in keys.values()
                                  for i, k in enumerate(ks)}, len(other) * C + 5)
     assert sim.cap.policy.admit([s7], view, sim.index) == [Admission.SPARE]
-    sim.index.touch(sim.keys(ids)[1][0])  # S0 is now the more recently used spare
+    sim.index.touch(sim.keys(ids)[0][0])  # recency does not save the far spare state at 32
     plan = sim.cap.plan_store([s7], view)
     assert sim.names(c.key for c in plan.admitted) == {"S7"}
-    assert sim.names(plan.evicted) == {"S01"}  # the least recently used spare state
+    assert sim.names(plan.evicted) == {"S01"}  # 48 tokens short of the end: the widest gap
     sim.cap.request_finished("other")
 
-    # with no spare or dead chunk left to replace, a spare is skipped, checkpoints stay
-    sim = Sim(layout, "group_aware", 500)
-    sim.name_all(ids, other)
-    sim.request(ids)
-    assert sim.stored() == {"F0", "F01", "F012", "F0123", "S0123"}
-    plan = sim.cap.plan_store([s7], view)
-    assert not plan.admitted and not plan.evicted and len(plan.skipped) == 1
+    # the budget holds the checkpoint and the spare state a chunk short of the end only:
+    # nothing is expendable, the spare candidate is skipped, checkpoints stay
+    for budget, kept in ((700, {"S0123"}), (600, set())):
+        sim = Sim(layout, "group_aware", budget)
+        sim.name_all(ids, other)
+        sim.request(ids)
+        assert sim.stored() == {"F0", "F01", "F012", "F0123", "F01234", "S01234"} | kept
+        plan = sim.cap.plan_store([s7], view)
+        assert not plan.admitted and not plan.evicted and len(plan.skipped) == 1
+
+
+@pytest.mark.parametrize("policy", ["group_aware", "lru"])
+def test_a_second_question_on_a_document_hits_a_chunk_short_of_the_first_end(policy):
+    """Long-document questions: the second question diverges inside the first one's last
+    chunk, so it resumes a chunk short of the first one's end, where only spare chunks
+    (the state there, the window chunk just outside the end's window) serve it. They are
+    stored before the far spares (deepest first) and are not expendable: later requests
+    that need room for their checkpoints retire older hit points first, so the second
+    question hits as it does under a group-agnostic LRU (it got 0 tokens when every spare
+    chunk went before any checkpoint)."""
+    layout = make_layout((FULL, SLIDING, STATE), window=32, pages=TINY, layers=ONE)
+    doc, q1, q2 = (0, 1, 2, 3, 4, 5), (6,), (7,)
+    older = [(30 + i,) for i in range(4)]
+    fillers = [(10 + i,) for i in range(3)]
+    sim = Sim(layout, policy, 3000)
+    sim.name_all(doc + q1, doc + q2, *older, *fillers)
+    for ids in (*older, doc + q1, *fillers):  # the fillers need room: eviction runs
+        sim.request(ids)
+    assert sim.names(k for ids in older for ks in sim.keys(ids).values() for k in ks) \
+        - sim.stored()  # some older chunks went
+    hit, _, _ = sim.request(doc + q2)
+    assert hit == len(doc) * C
 
 
 @pytest.mark.parametrize("policy", ["group_aware", "lru"])

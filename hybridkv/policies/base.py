@@ -31,8 +31,8 @@ class Admission(enum.IntEnum):
     #: never part of a servable hit: not stored
     REJECT = 0
     #: useful only by chance: stored into free space or in place of chunks worth less
-    #: (dead ones, older spare ones; a policy without that notion: none); never
-    #: evicts a checkpoint; evicted before checkpoints
+    #: (dead ones, spare ones far from their request's end; a policy without that
+    #: notion: none); never evicts a checkpoint
     SPARE = 1
     #: stored, evicting chunks of lower utility if the budget is full
     ADMIT = 2

@@ -10,21 +10,31 @@ its window no longer ends at a hit point, its state has no prefix).
 Admission: per group kind (``full``, ``sliding``, ``state`` modules), around
 the request's likely hit points (``hit_points``).
 
+A *checkpoint* is a hit point that needs no ``SPARE`` chunk (one admitted at a
+likely hit point, or one a loaded hit touched). A spare chunk's *gap* is the
+distance from the deepest hit point it serves to the nearest checkpoint past
+it (where its request ended); a checkpoint hit since then means requests
+resume past it, and the gap counts as wide.
+
 Eviction order, when bytes are needed:
 1. dead chunks, least recently used first (orphans are reclaimed here and,
    eagerly, by ``orphans_of`` when a chunk is removed);
-2. ``SPARE`` chunks (stored into free space or in place of dead and older
-   spare chunks, least recently used first); a spare candidate may evict
-   only these two kinds (``expendable`` bytes), never a hit point;
+2. *expendable* spare chunks: those with a gap wider than one chunk, widest
+   gap first, then least recently used. A spare candidate may evict only
+   these two kinds (``expendable`` bytes), never a hit point. (Spare
+   candidates are stored deepest first, ``Capacity.plan_store``.)
 3. hit points, lowest utility first: a retired hit point releases every chunk
    no remaining hit point needs (its state, window chunks no other point uses,
    and spine chunks with no hit point left at or below them, so deeper chunks
    always go before their ancestors). Utility = recency rank + ``alpha`` x
-   prefill FLOPs the point saves (over the next hit point up its prefix) per
+   prefill FLOPs the point saves (over the next checkpoint up its prefix) per
    byte charged to it (its share of each chunk it needs), both scaled to
    [0, 1] over the candidates (Marconi). A point's recency is when a loaded hit
    last ended there (or when it was stored). Comparing per byte across groups
-   keeps one group from starving the others.
+   keeps one group from starving the others. A point that needs a spare chunk
+   (one a chunk short of a checkpoint: a follow-up that changes only the tail
+   of a prompt, such as a second question on a document, resumes there) gets
+   no FLOPs credit, its reuse being a guess: it stays by recency alone.
 
 Invariants: see ``hybridkv.policies.base``; in addition no chunk that a
 servable hit point needs is evicted while a dead or spare chunk could free the
@@ -39,7 +49,7 @@ from dataclasses import dataclass
 
 from hybridkv.cost import PrefillCost
 from hybridkv.groups import GroupKind, HybridLayout
-from hybridkv.index import ChunkIndex
+from hybridkv.index import ChunkEntry, ChunkIndex
 from hybridkv.keys import key_group, key_hash, make_key
 from hybridkv.policies.base import Admission, Candidate, CapacityPolicy, RequestView
 from hybridkv.policies.full import FullAttentionRule
@@ -51,6 +61,9 @@ from hybridkv.policies.state import StateRule
 __all__ = ["GroupAwarePolicy", "Analysis"]
 
 log = logging.getLogger(__name__)
+
+#: the gap of a spare chunk with no checkpoint past it
+_FAR = 1 << 62
 
 RULES = {GroupKind.FULL: FullAttentionRule(), GroupKind.SLIDING: SlidingWindowRule(),
          GroupKind.STATE: StateRule()}
@@ -70,7 +83,7 @@ class Analysis:
     points: dict[bytes, HitPoint]
     live: set[bytes]
     dead: list[bytes]  # least recently used first
-    spare: list[bytes]  # least recently used first
+    spare: list[bytes]  # expendable spare chunks: widest gap first, then least recently used
     order: list[HitPoint]  # lowest utility first
     refs: dict[bytes, int]  # non-spine chunk -> hit points that need it
     below: dict[bytes, int]  # spine chunk -> hit points at or below it
@@ -195,23 +208,49 @@ class GroupAwarePolicy(CapacityPolicy):
                 else:
                     live.add(k)
 
-        # hit points at or below each backbone chunk
+        # hit points at or below each backbone chunk, and the nearest checkpoint there
         below: dict[bytes, int] = {}
+        checkpoint: dict[bytes, ChunkEntry] = {}
+        firm: set[bytes] = set()  # hit points that are checkpoints
         for entry in sorted(spine, key=lambda e: -e.position):
             n = below.get(entry.key, 0) + (entry.key in points)
             below[entry.key] = n
+            pt = points.get(entry.key)
+            if pt is not None and self._is_checkpoint(index, pt):
+                checkpoint[entry.key] = entry
+                firm.add(entry.key)
             if entry.parent is not None:
                 below[entry.parent] = below.get(entry.parent, 0) + n
+                cp, up = checkpoint.get(entry.key), checkpoint.get(entry.parent)
+                if cp is not None and (up is None or cp.position < up.position):
+                    checkpoint[entry.parent] = cp
+
+        # each spare chunk's gap (module docstring): from its hit points to their checkpoint
+        gap: dict[bytes, int] = {}
+        for pt in points.values():
+            cp = checkpoint.get(pt.key)
+            d = _FAR
+            if cp is not None and cp.last_hit <= index.get_any(pt.key).created:
+                d = cp.position - pt.position
+            for k in pt.needs:
+                if d < gap.get(k, _FAR + 1):
+                    gap[k] = d
 
         stored = sorted(index, key=lambda e: e.last_access)
         dead = [e.key for e in stored if e.key not in live]
-        spare = [e.key for e in stored if e.key in live and e.spare]
+        # a spare chunk within a chunk of a checkpoint is not expendable: it goes with
+        # its hit point, by utility
+        near = bb.chunk_tokens
+        spare = sorted((e.key for e in stored if e.key in live and e.spare
+                        and gap.get(e.key, _FAR) > near),
+                       key=lambda k: -gap.get(k, _FAR))
         return Analysis(points=points, live=live, dead=dead, spare=spare,
-                        order=self._utility_order(index, points, refs, below),
+                        order=self._utility_order(index, points, refs, below, firm),
                         refs=refs, below=below)
 
     def _utility_order(self, index: ChunkIndex, points: dict[bytes, HitPoint],
-                       refs: dict[bytes, int], below: dict[bytes, int]) -> list[HitPoint]:
+                       refs: dict[bytes, int], below: dict[bytes, int],
+                       firm: set[bytes]) -> list[HitPoint]:
         """Hit points, lowest utility first (recency rank + alpha x FLOPs per byte)."""
         if not points:
             return []
@@ -220,13 +259,17 @@ class GroupAwarePolicy(CapacityPolicy):
         for pt in pts:
             at = index.get_any(pt.key)
             recency.append((max(at.last_hit, at.created), pt.position))
-            # bytes this point is charged: its share of every chunk it needs
+            if pt.key not in firm:  # it needs a spare chunk: it saves FLOPs only by chance
+                density.append(0.0)
+                continue
+            # bytes this point is charged: its share of every chunk it needs, and of the
+            # spine chunks up to the next checkpoint up its prefix (the base it saves over)
             size = sum(e.size / refs[k] for k in pt.needs if (e := index.get_any(k)))
             base = 0
             size += at.size / max(1, below.get(pt.key, 1))
             up = at.parent
             while up is not None and (e := index.get_any(up)) is not None:
-                if up in points:
+                if up in firm:
                     base = e.position
                     break
                 size += e.size / max(1, below.get(up, 1))
@@ -257,6 +300,11 @@ class GroupAwarePolicy(CapacityPolicy):
                 return None
             needs += got
         return needs
+
+    @staticmethod
+    def _is_checkpoint(index: ChunkIndex, pt: HitPoint) -> bool:
+        """A hit point that needs no spare chunk (a likely hit point, or one that was hit)."""
+        return not any((e := index.get_any(k)) is not None and e.spare for k in pt.needs)
 
     @staticmethod
     def _mark_chain(index: ChunkIndex, key: bytes, live: set[bytes]) -> None:

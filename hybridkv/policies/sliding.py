@@ -2,8 +2,8 @@
 
 Admission: a chunk inside the window of one of the request's likely hit points
 is admitted; a chunk no hit point on the hit grid can ever include is
-rejected; any other chunk is ``SPARE`` (free space, or the place of a dead or older
-spare chunk).
+rejected; any other chunk is ``SPARE`` (free space, or the place of a dead or
+expendable spare chunk; see ``group_aware``).
 Eviction (in ``group_aware``): a chunk that no servable hit point's window
 needs is dead and goes first.
 """
