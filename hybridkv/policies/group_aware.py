@@ -199,8 +199,11 @@ class GroupAwarePolicy(CapacityPolicy):
 
         live: set[bytes] = set()
         refs: dict[bytes, int] = {}
+        firm: set[bytes] = set()  # checkpoints: hit points that need no spare chunk
         for pt in points.values():
             self._mark_chain(index, pt.key, live)
+            if not any((e := index.get_any(k)) is not None and e.spare for k in pt.needs):
+                firm.add(pt.key)
             for k in pt.needs:
                 refs[k] = refs.get(k, 0) + 1
                 if self._groups[key_group(k)].kind is GroupKind.FULL:
@@ -211,30 +214,29 @@ class GroupAwarePolicy(CapacityPolicy):
         # hit points at or below each backbone chunk, and the nearest checkpoint there
         below: dict[bytes, int] = {}
         checkpoint: dict[bytes, ChunkEntry] = {}
-        firm: set[bytes] = set()  # hit points that are checkpoints
         for entry in sorted(spine, key=lambda e: -e.position):
             n = below.get(entry.key, 0) + (entry.key in points)
             below[entry.key] = n
-            pt = points.get(entry.key)
-            if pt is not None and self._is_checkpoint(index, pt):
+            if entry.key in firm:
                 checkpoint[entry.key] = entry
-                firm.add(entry.key)
             if entry.parent is not None:
                 below[entry.parent] = below.get(entry.parent, 0) + n
                 cp, up = checkpoint.get(entry.key), checkpoint.get(entry.parent)
                 if cp is not None and (up is None or cp.position < up.position):
                     checkpoint[entry.parent] = cp
 
-        # each spare chunk's gap (module docstring): from its hit points to their checkpoint
+        # each spare chunk's gap (module docstring): from its hit points (none of them a
+        # checkpoint) to their checkpoint
         gap: dict[bytes, int] = {}
         for pt in points.values():
+            if pt.key in firm:
+                continue
             cp = checkpoint.get(pt.key)
             d = _FAR
             if cp is not None and cp.last_hit <= index.get_any(pt.key).created:
                 d = cp.position - pt.position
             for k in pt.needs:
-                if d < gap.get(k, _FAR + 1):
-                    gap[k] = d
+                gap[k] = min(d, gap.get(k, _FAR))
 
         stored = sorted(index, key=lambda e: e.last_access)
         dead = [e.key for e in stored if e.key not in live]
@@ -300,11 +302,6 @@ class GroupAwarePolicy(CapacityPolicy):
                 return None
             needs += got
         return needs
-
-    @staticmethod
-    def _is_checkpoint(index: ChunkIndex, pt: HitPoint) -> bool:
-        """A hit point that needs no spare chunk (a likely hit point, or one that was hit)."""
-        return not any((e := index.get_any(k)) is not None and e.spare for k in pt.needs)
 
     @staticmethod
     def _mark_chain(index: ChunkIndex, key: bytes, live: set[bytes]) -> None:

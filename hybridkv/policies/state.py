@@ -2,8 +2,8 @@
 
 Admission: states at the request's likely hit points (end of request, every
 k chunks, branch points); any other state is ``SPARE`` (free space, or the place
-of a dead or expendable spare chunk, see ``group_aware``): it helps only a request that resumes at exactly
-that position.
+of a dead or expendable spare chunk, see ``group_aware``): it helps only a
+request that resumes at exactly that position.
 Eviction (in ``group_aware``): a state whose prefix is gone is dead; a live
 state goes by Marconi's utility, recency plus prefill FLOPs saved per byte.
 """
