@@ -109,9 +109,10 @@ class Capacity:
         return plan
 
     def commit(self, key: bytes, *, size: int, position: int,
-               parent: bytes | None) -> list[bytes]:
+               parent: bytes | None, mtime_ns: int = 0) -> list[bytes]:
         """A reserved chunk is complete on disk. Returns keys evicted to stay in budget."""
-        self.index.add(key, group=key_group(key), position=position, size=size, parent=parent)
+        self.index.add(key, group=key_group(key), position=position, size=size, parent=parent,
+                       mtime_ns=mtime_ns)
         return self.enforce()
 
     def abort(self, key: bytes) -> None:

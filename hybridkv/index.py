@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from hybridkv.keys import key_group, key_hash
-from hybridkv.store.chunk_store import ChunkStore, StoredChunk
+from hybridkv.chunks import ChunkRecord
 
 __all__ = ["ChunkEntry", "ChunkIndex"]
 
@@ -36,6 +36,8 @@ class ChunkEntry:
     pins: int = 0
     #: admitted as SPARE (not at a likely hit point): evicted before checkpoints
     spare: bool = False
+    #: the file's modification time (ns) when it was added, for snapshots; 0 if unknown
+    mtime_ns: int = 0
     children: set[bytes] = field(default_factory=set)
 
 
@@ -115,7 +117,7 @@ class ChunkIndex:
 
     def add(self, key: bytes, *, group: int, position: int, size: int,
             parent: bytes | None = None, last_access: int | None = None,
-            spare: bool | None = None) -> ChunkEntry:
+            spare: bool | None = None, mtime_ns: int = 0) -> ChunkEntry:
         reservation = self.release(key)
         old = self._entries.get(key)
         if old is not None:
@@ -125,7 +127,7 @@ class ChunkIndex:
         now = self.tick()
         entry = ChunkEntry(key=key, group=group, position=position, size=size, parent=parent,
                            last_access=now if last_access is None else last_access,
-                           created=now, spare=spare)
+                           created=now, spare=spare, mtime_ns=mtime_ns)
         self._entries[key] = entry
         self.bytes_stored += size
         self._by_hash.setdefault(key_hash(key), {})[group] = key
@@ -192,19 +194,29 @@ class ChunkIndex:
         self.bytes_pending = 0
 
     # ---------------------------------------------------------------- rebuild
-    def load(self, chunks: Iterable[StoredChunk]) -> int:
-        """Add scanned chunks (oldest first, so recency survives a restart)."""
+    def load(self, chunks: Iterable[ChunkRecord], *, by_mtime: bool = True) -> int:
+        """Add chunks not yet indexed; returns how many were added.
+
+        ``by_mtime``: add oldest file first (a scan), so recency survives a restart;
+        False keeps the given order (``records()`` of an index: its recency order).
+        """
         added = 0
-        for chunk in sorted(chunks, key=lambda c: c.mtime):
+        for chunk in sorted(chunks, key=lambda c: c.mtime_ns) if by_mtime else chunks:
             if chunk.key in self._entries:
                 continue
             self.add(chunk.key, group=chunk.group, position=chunk.position,
-                     size=chunk.size, parent=chunk.parent)
+                     size=chunk.size, parent=chunk.parent, mtime_ns=chunk.mtime_ns)
             added += 1
         return added
 
+    def records(self) -> list[ChunkRecord]:
+        """Every stored chunk, least recently used first."""
+        return [ChunkRecord(e.key, e.group, e.position, e.size, e.parent, e.mtime_ns)
+                for e in sorted(self._entries.values(), key=lambda e: e.last_access)]
+
     @classmethod
-    def rebuild(cls, store: ChunkStore) -> ChunkIndex:
+    def from_records(cls, chunks: Iterable[ChunkRecord]) -> ChunkIndex:
+        """A new index holding ``chunks`` (e.g. ``store.scan()``)."""
         index = cls()
-        index.load(store.scan())
+        index.load(chunks)
         return index

@@ -177,7 +177,7 @@ def test_scan_rebuilds_index_with_parents(store):
     store.write(child, position=64, block_offset=0, arrays=pages(rng, 2, (64, 64)), parent=parent)
     (store.paths.group_dir(0) / "zz").mkdir()
     (store.paths.group_dir(0) / "zz" / "not-a-key.safetensors").write_bytes(b"junk")
-    index = ChunkIndex.rebuild(store)
+    index = ChunkIndex.from_records(store.scan())
     assert {e.key for e in index} == {parent, child}
     assert index.get(child).parent == parent
     assert child in index.get(parent).children

@@ -30,6 +30,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from hybridkv.chunks import ChunkRecord
 from hybridkv.groups import HybridLayout
 from hybridkv.keys import ChunkKey, key_from_hex, key_group, key_hex
 from hybridkv.store.fileio import FileIO, tmp_name_prefix
@@ -46,7 +47,7 @@ from hybridkv.store.format import (
 )
 from hybridkv.store.paths import CHUNK_SUFFIX, TMP_SUFFIX, ChunkPaths
 
-__all__ = ["ChunkStore", "StoredChunk"]
+__all__ = ["ChunkStore", "StoredChunk", "ChunkRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,8 @@ _HEADER_PROBE_BYTES = 64 * 1024
 STALE_TMP_SECONDS = 3600.0
 
 
-class StoredChunk(msgspec.Struct, frozen=True):
-    """What the index keeps about a chunk file (from its header and stat)."""
-
-    key: bytes
-    group: int
-    position: int
-    size: int  # bytes on disk
-    parent: bytes | None
-    mtime: float
+#: what a scan finds: the record type shared with the index and its snapshot
+StoredChunk = ChunkRecord
 
 
 class ChunkStore:
@@ -197,6 +191,23 @@ class ChunkStore:
                 prefix = self.io.read_prefix(path, 8 + n)
         return read_header(prefix)
 
+    def describe(self, key: bytes) -> ChunkRecord:
+        """The record of ``key``'s file, from its header and stat.
+
+        Raises OSError (FileNotFoundError when it is gone), ``ChunkCorrupt`` when the
+        header names another chunk, layout or group, ``ChunkTooNew``, or ValueError.
+        """
+        path = self.path(key)
+        st = os.stat(path)
+        header = self.header_of(path)
+        if (header.key != key_hex(key) or header.fingerprint != self.fingerprint
+                or header.group != key_group(key)):
+            raise ChunkCorrupt(f"{path.name}: header names another chunk, layout or group")
+        return ChunkRecord(key=key, group=header.group, position=header.position,
+                           size=st.st_size,
+                           parent=bytes.fromhex(header.parent) if header.parent else None,
+                           mtime_ns=st.st_mtime_ns)
+
     def _scan_dir(self, directory: Path) -> list[StoredChunk]:
         found = []
         try:
@@ -220,10 +231,10 @@ class ChunkStore:
             except (ValueError, ChunkCorrupt, OSError) as exc:
                 log.warning("hybridkv: ignoring %s: %s", entry.path, exc)
                 continue
-            found.append(StoredChunk(
+            found.append(ChunkRecord(
                 key=key, group=header.group, position=header.position, size=st.st_size,
                 parent=bytes.fromhex(header.parent) if header.parent else None,
-                mtime=st.st_mtime))
+                mtime_ns=st.st_mtime_ns))
         return found
 
     def scan(self, *, workers: int = 8) -> Iterator[StoredChunk]:

@@ -14,7 +14,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Collection, Iterable
 
@@ -63,7 +62,8 @@ class HybridKVManager(OffloadingManager):
         self._prompt_tokens: dict[str, int] = {}  # request id -> prompt length
         started = time.monotonic()
         removed_tmp = store.clean_temp()
-        self.index = ChunkIndex.rebuild(store)
+        self.index = ChunkIndex()
+        self.index.load(store.scan())
         self.capacity = Capacity(self.index, policy or LRUPolicy(), config.disk_budget,
                                  headroom=config.eviction_headroom)
         self.counters.add("startup_chunks", len(self.index))
@@ -99,18 +99,13 @@ class HybridKVManager(OffloadingManager):
         if len(self._miss_checked) > 1_000_000:
             self._miss_checked.clear()
         self._miss_checked[key] = now
-        path = self.store.path(key)
         try:
-            st = os.stat(path)
-            header = self.store.header_of(path)
+            record = self.store.describe(key)
         except (OSError, ChunkError, ValueError):
             return False
-        if header.fingerprint != self.store.fingerprint or header.group != key_group(key):
-            return False
-        self.index.add(key, group=header.group, position=header.position, size=st.st_size,
-                       parent=bytes.fromhex(header.parent) if header.parent else None)
+        self.index.load([record])
         self._miss_checked.pop(key, None)
-        self.counters.add("refresh_found", 1, header.group)
+        self.counters.add("refresh_found", 1, record.group)
         return True
 
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
@@ -181,15 +176,13 @@ class HybridKVManager(OffloadingManager):
                 continue
             group = key_group(key)
             try:
-                st = os.stat(self.store.path(key))
-                header = self.store.header_of(self.store.path(key))
+                record = self.store.describe(key)
             except (OSError, ChunkError, ValueError):
                 self.capacity.abort(key)
                 self.counters.add("stores_failed", 1, group)
                 continue
-            evicted += self.capacity.commit(
-                key, size=st.st_size, position=header.position,
-                parent=bytes.fromhex(header.parent) if header.parent else None)
+            evicted += self.capacity.commit(key, size=record.size, position=record.position,
+                                            parent=record.parent, mtime_ns=record.mtime_ns)
             self.counters.add("chunks_stored", 1, group)
             stored.append(key)
         if stored and self.emit_events:
