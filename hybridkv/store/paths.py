@@ -2,6 +2,7 @@
 
     <cache_dir>/<fingerprint>/layout.json                       the layout, for people and tools
     <cache_dir>/<fingerprint>/r<rank>/g<group>/<hh>/<key>.safetensors   one chunk
+    <cache_dir>/<fingerprint>/r<rank>/index.snapshot            the index snapshot of that rank
     <cache_dir>/<fingerprint>/quarantine/                       files that failed verification
     <cache_dir>/<fingerprint>/stats/                            per-process counters (JSON)
 
@@ -16,10 +17,11 @@ from pathlib import Path
 
 from hybridkv.keys import key_group, key_hex
 
-__all__ = ["ChunkPaths", "CHUNK_SUFFIX", "TMP_SUFFIX"]
+__all__ = ["ChunkPaths", "CHUNK_SUFFIX", "SNAPSHOT_NAME", "TMP_SUFFIX"]
 
 CHUNK_SUFFIX = ".safetensors"
 TMP_SUFFIX = ".tmp"
+SNAPSHOT_NAME = "index.snapshot"
 
 
 class ChunkPaths:
@@ -39,6 +41,10 @@ class ChunkPaths:
     def chunk(self, key: bytes, rank: int | None = None) -> Path:
         hx = key_hex(key)
         return self.group_dir(key_group(key), rank) / hx[:2] / f"{hx}{CHUNK_SUFFIX}"
+
+    def snapshot(self, rank: int | None = None) -> Path:
+        """The index snapshot of a rank (``hybridkv.store.snapshot``)."""
+        return self.rank_dir(rank) / SNAPSHOT_NAME
 
     @property
     def layout_file(self) -> Path:
