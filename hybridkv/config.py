@@ -75,6 +75,8 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
     checkpoint_interval: int = 0
     #: fraction of disk_budget freed beyond the need when eviction runs (fewer, larger runs)
     eviction_headroom: float = DEFAULT_HEADROOM
+    #: seconds between index snapshots (and one at shutdown) for a fast restart (0: none)
+    snapshot_interval: float = 300.0
 
     @property
     def cache_path(self) -> Path:
@@ -134,6 +136,12 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError(
                     f"eviction_headroom: expected a fraction of disk_budget in 0..0.5, got {h!r}")
             kwargs["eviction_headroom"] = float(h)
+        if "snapshot_interval" in extra:
+            t = extra["snapshot_interval"]
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
+                raise ConfigError(
+                    f"snapshot_interval: expected seconds >= 0 (0: no index snapshots), got {t!r}")
+            kwargs["snapshot_interval"] = float(t)
         return cls(**kwargs)
 
     def check_directory(self) -> None:

@@ -2,7 +2,9 @@
 
 Invariants:
 - ``lookup`` says HIT only for keys whose file is complete (in the index, or
-  found on disk by a bounded refresh after a miss: another engine's store).
+  found on disk by a bounded refresh after a miss: another engine's store);
+  a key restored from the index snapshot only once one ``stat`` shows its
+  file's size and mtime unchanged (else its header is read again).
 - Keys prepared for load are pinned until ``complete_load``; eviction never
   removes a pinned key.
 - ``prepare_store`` never returns a key that is stored or being stored
@@ -37,6 +39,7 @@ from hybridkv.policies import Candidate, CapacityPolicy, LRUPolicy, RequestView
 from hybridkv.stats import Counters
 from hybridkv.store.chunk_store import ChunkStore
 from hybridkv.store.format import ChunkError
+from hybridkv.store.snapshot import SnapshotWriter, recheck, restore
 from hybridkv.vllm.transfer import ChunkLoadSpec, ChunkStoreSpec
 
 __all__ = ["HybridKVManager"]
@@ -63,7 +66,7 @@ class HybridKVManager(OffloadingManager):
         started = time.monotonic()
         removed_tmp = store.clean_temp()
         self.index = ChunkIndex()
-        self.index.load(store.scan())
+        self._unchecked = self._restore_index()
         self.capacity = Capacity(self.index, policy or LRUPolicy(), config.disk_budget,
                                  headroom=config.eviction_headroom)
         self.counters.add("startup_chunks", len(self.index))
@@ -82,6 +85,8 @@ class HybridKVManager(OffloadingManager):
     # ------------------------------------------------------------------ lookups
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         if key in self.index:
+            if key in self._unchecked and not self._recheck(key):
+                return LookupResult.MISS
             return LookupResult.HIT
         if self._refresh(key):
             return LookupResult.HIT
@@ -189,6 +194,7 @@ class HybridKVManager(OffloadingManager):
             self._events.append(OffloadingEvent(keys=stored, medium=Medium.STORAGE, removed=False))
         self._delete(evicted)
         self.counters.flush()
+        self._maybe_snapshot()
 
     def note_prompt_tokens(self, req_id: str, num_tokens: int) -> None:
         """The connector tells the prompt length of a request before its stores."""
@@ -212,6 +218,7 @@ class HybridKVManager(OffloadingManager):
         return RequestOffloadingContext()
 
     def take_events(self) -> Iterable[OffloadingEvent]:
+        self._maybe_snapshot()
         events, self._events = self._events, []
         return events
 
@@ -220,7 +227,42 @@ class HybridKVManager(OffloadingManager):
         self._delete(self.capacity.remove([e.key for e in list(self.index)]))
 
     def shutdown(self) -> None:
+        if self._snapshots is not None:
+            self._snapshots.write(self.index.records())
         self.counters.flush(force=True)
+
+    # ------------------------------------------------------------------ snapshots
+    def _restore_index(self) -> set[bytes]:
+        """Fill the index from the snapshot checked against the directory, else a full scan.
+
+        Returns the keys whose file size/mtime must be rechecked before their first HIT.
+        """
+        interval = self.config.snapshot_interval
+        self._snapshots = SnapshotWriter(self.store, interval) if interval > 0 else None
+        restored = restore(self.store, use_snapshot=interval > 0)
+        self.index.load(restored.records, by_mtime=False)
+        self.counters.add("startup_from_snapshot", int(restored.source == "snapshot"))
+        return restored.unchecked
+
+    def _recheck(self, key: bytes) -> bool:
+        """First HIT of a chunk restored from a snapshot: is its file what the index says?"""
+        self._unchecked.discard(key)
+        entry = self.index.get(key)
+        same, record = recheck(self.store, key, entry.size, entry.mtime_ns)
+        if same:
+            return True
+        if record is None:  # gone or unusable: forget it (as after a failed load)
+            self._delete(self.capacity.remove([key]))
+            self.counters.add("restored_chunks_gone", 1, key_group(key))
+            return False
+        self.index.remove(key)  # rewritten since the snapshot: index what is there now
+        self.index.load([record])
+        self.counters.add("restored_chunks_changed", 1, key_group(key))
+        return True
+
+    def _maybe_snapshot(self) -> None:
+        if self._snapshots is not None and self._snapshots.due():
+            self._snapshots.start(self.index.records())
 
 
 def _key_positions(req_context: ReqContext) -> dict[bytes, int]:
