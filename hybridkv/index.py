@@ -1,96 +1,207 @@
-"""The in-memory catalog of stored chunks, rebuilt from the directory at start.
+"""The in-memory catalog of stored chunks: compact columns, one key -> slot table.
+
+Layout (struct of arrays): every chunk the index knows, stored or being stored
+(*pending*), owns a *slot*; ``_slot`` maps its key to the slot and each field is
+one ``array.array`` column indexed by slot (group, position, size, parent slot,
+first child / next sibling links, three logical clocks, file mtime, pins,
+flags). Columns grow by doubling and freed slots are reused, so a million
+chunks cost one key object, one dict entry, one int and ~45 bytes of columns
+each (``benchmarks/index_scale.py`` measures it). ``get`` returns a light
+``ChunkEntry`` view over one slot; policies that need speed read the columns.
 
 Invariants:
-- A key is in the index only once its file is complete on disk (added on
-  store completion or found by a scan); ``pending`` keys are being written.
-- ``bytes_used`` is the sum of ``size`` over entries plus pending reservations.
-- A pinned entry (being loaded) is never removed by eviction.
-- ``children`` links a chunk to the chunks of the SAME group that extend it by
-  one chunk; chunks of different groups at the same prefix position share a
-  hash (``companions``). Both relations are derived from ``parent``, which is
-  recorded in every chunk header, so they survive a restart.
+- A key is stored (``in`` the index) only once its file is complete on disk (added
+  on store completion or found by a scan); *pending* keys are being written.
+- ``bytes_used`` is the sum of ``size`` over stored entries plus pending reservations.
+- A pinned entry (being loaded) is never removed by eviction (callers check ``pins``).
+- ``parent`` links a chunk to the chunk of the SAME group it extends, whenever that
+  chunk is known (stored or pending); children of an absent parent wait for it
+  (``_orphans``) and are linked when it arrives. ``children`` / ``descendants``
+  report stored chunks only. Chunks of different groups at one prefix position share
+  a hash (``companions``). All relations derive from ``parent``, which every chunk
+  header records, so they survive a restart.
+- Logical clocks (``last_access``, ``created``, ``last_hit``) are unique, increasing
+  ticks; when they would overflow 32 bits they are renumbered, keeping their order.
+- Listeners (``subscribe``) hear every change synchronously: a chunk became known
+  (``on_present``), stored (``on_stored``), is about to be forgotten
+  (``on_absent``, while its slot is still valid), was touched or hit.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from typing import Protocol
 
-from hybridkv.keys import key_group, key_hash
+import numpy as np
+
 from hybridkv.chunks import ChunkRecord
+from hybridkv.keys import key_group, key_hash, make_key
 
-__all__ = ["ChunkEntry", "ChunkIndex"]
+__all__ = ["ChunkEntry", "ChunkIndex", "IndexListener"]
+
+_STORED = 1
+_PENDING = 2
+_SPARE = 4
+_NONE = -1
+_CLOCK_MAX = 2**32 - 1
+_INITIAL = 1024
 
 
-@dataclass(slots=True)
+class IndexListener(Protocol):
+    def on_present(self, slot: int) -> None: ...
+    def on_stored(self, slot: int) -> None: ...
+    def on_absent(self, slot: int) -> None: ...
+    def on_touch(self, slot: int, was_spare: bool) -> None: ...
+    def on_hit(self, slot: int) -> None: ...
+
+
 class ChunkEntry:
-    key: bytes
-    group: int
-    position: int
-    size: int
-    parent: bytes | None = None
-    last_access: int = 0
-    #: when it was added, and when a loaded hit last ended at it (0: never)
-    created: int = 0
-    last_hit: int = 0
-    pins: int = 0
-    #: admitted as SPARE (not at a likely hit point): evicted before checkpoints
-    spare: bool = False
-    #: the file's modification time (ns) when it was added, for snapshots; 0 if unknown
-    mtime_ns: int = 0
-    children: set[bytes] = field(default_factory=set)
+    """A read-only view of one slot (valid until that chunk leaves the index)."""
+
+    __slots__ = ("_ix", "slot", "key")
+
+    def __init__(self, index: ChunkIndex, slot: int, key: bytes):
+        self._ix = index
+        self.slot = slot
+        self.key = key
+
+    group = property(lambda self: self._ix._group[self.slot])
+    position = property(lambda self: self._ix._position[self.slot])
+    size = property(lambda self: self._ix._size[self.slot])
+    last_access = property(lambda self: self._ix._last_access[self.slot])
+    created = property(lambda self: self._ix._created[self.slot])
+    last_hit = property(lambda self: self._ix._last_hit[self.slot])
+    pins = property(lambda self: self._ix._pins[self.slot])
+    mtime_ns = property(lambda self: self._ix._mtime[self.slot])
+    spare = property(lambda self: bool(self._ix._flags[self.slot] & _SPARE))
+    stored = property(lambda self: bool(self._ix._flags[self.slot] & _STORED))
+
+    @property
+    def parent(self) -> bytes | None:
+        return self._ix.parent_key(self.slot)
+
+    @property
+    def children(self) -> set[bytes]:
+        ix = self._ix
+        return {ix._keys[c] for c in ix.child_slots(self.slot) if ix._flags[c] & _STORED}
+
+    def __repr__(self) -> str:
+        return (f"ChunkEntry(key={self.key.hex()}, group={self.group}, position={self.position}, "
+                f"size={self.size}, stored={self.stored}, spare={self.spare})")
 
 
 class ChunkIndex:
     def __init__(self) -> None:
-        self._entries: dict[bytes, ChunkEntry] = {}
-        self._pending: dict[bytes, ChunkEntry] = {}  # key -> reservation (not yet on disk)
-        self._by_hash: dict[bytes, dict[int, bytes]] = {}
-        #: parent key -> stored children whose parent is not stored (yet, or any more)
-        self._orphan_children: dict[bytes, set[bytes]] = {}
+        self._slot: dict[bytes, int] = {}
+        n = _INITIAL
+        self._keys: list[bytes | None] = [None] * n
+        self._group = array("H", bytes(2 * n))
+        self._position = array("i", bytes(4 * n))
+        self._size = array("I", bytes(4 * n))
+        self._parent = array("i", [_NONE]) * n
+        self._child = array("i", [_NONE]) * n
+        self._sibling = array("i", [_NONE]) * n
+        self._last_access = array("I", bytes(4 * n))
+        self._created = array("I", bytes(4 * n))
+        self._last_hit = array("I", bytes(4 * n))
+        self._mtime = array("q", bytes(8 * n))
+        self._pins = array("H", bytes(2 * n))
+        self._flags = bytearray(n)
+        self._free: list[int] = list(range(n - 1, -1, -1))
+        #: parent key -> slots of present children waiting for it; child slot -> that key
+        self._orphans: dict[bytes, set[int]] = {}
+        self._orphan_parent: dict[int, bytes] = {}
+        self._groups: set[int] = set()
+        self._listeners: list[IndexListener] = []
         self._clock = 0
+        self._stored = 0
         self.bytes_stored = 0
         self.bytes_pending = 0
 
     # ---------------------------------------------------------------- queries
     def __contains__(self, key: bytes) -> bool:
-        return key in self._entries
+        slot = self._slot.get(key)
+        return slot is not None and self._flags[slot] & _STORED != 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._stored
 
     def __iter__(self) -> Iterator[ChunkEntry]:
-        return iter(self._entries.values())
+        flags, keys = self._flags, self._keys
+        for key, slot in list(self._slot.items()):
+            if flags[slot] & _STORED and keys[slot] is key:  # still the same chunk
+                yield ChunkEntry(self, slot, key)
 
     def get(self, key: bytes) -> ChunkEntry | None:
-        return self._entries.get(key)
-
-    def is_pending(self, key: bytes) -> bool:
-        return key in self._pending
-
-    def pending(self) -> Iterator[ChunkEntry]:
-        return iter(self._pending.values())
+        slot = self._slot.get(key)
+        if slot is None or not self._flags[slot] & _STORED:
+            return None
+        return ChunkEntry(self, slot, key)
 
     def get_any(self, key: bytes) -> ChunkEntry | None:
         """The entry, stored or being stored."""
-        return self._entries.get(key) or self._pending.get(key)
+        slot = self._slot.get(key)
+        return None if slot is None else ChunkEntry(self, slot, key)
+
+    def slot_of(self, key: bytes) -> int | None:
+        """The slot of a stored or pending key (None if unknown)."""
+        return self._slot.get(key)
+
+    def key_of(self, slot: int) -> bytes:
+        return self._keys[slot]  # type: ignore[return-value]
+
+    def is_stored_slot(self, slot: int) -> bool:
+        return self._flags[slot] & _STORED != 0
+
+    def is_pending(self, key: bytes) -> bool:
+        slot = self._slot.get(key)
+        return slot is not None and self._flags[slot] & _PENDING != 0
+
+    def pending(self) -> Iterator[ChunkEntry]:
+        flags = self._flags
+        for key, slot in list(self._slot.items()):
+            if flags[slot] & _PENDING:
+                yield ChunkEntry(self, slot, key)
+
+    def parent_key(self, slot: int) -> bytes | None:
+        p = self._parent[slot]
+        if p != _NONE:
+            return self._keys[p]
+        return self._orphan_parent.get(slot)
+
+    def child_slots(self, slot: int) -> Iterator[int]:
+        """Slots of the present (stored or pending) chunks that extend ``slot``."""
+        c = self._child[slot]
+        sibling = self._sibling
+        while c != _NONE:
+            nxt = sibling[c]
+            yield c
+            c = nxt
 
     def companions(self, key: bytes) -> dict[int, bytes]:
         """group -> key of every stored chunk at the same prefix position as ``key``."""
-        return dict(self._by_hash.get(key_hash(key), {}))
+        h = key_hash(key)
+        out = {}
+        for g in self._groups:
+            k = key if g == key_group(key) else make_key(h, g)
+            slot = self._slot.get(k)
+            if slot is not None and self._flags[slot] & _STORED:
+                out[g] = self._keys[slot]
+        return out
 
     def descendants(self, key: bytes) -> list[bytes]:
         """Stored chunks of ``key``'s group that extend it, at any depth."""
+        slot = self._slot.get(key)
+        if slot is None or not self._flags[slot] & _STORED:
+            return []
         out: list[bytes] = []
-        entry = self._entries.get(key)
-        stack = list(entry.children) if entry is not None else []
+        flags, keys = self._flags, self._keys
+        stack = [c for c in self.child_slots(slot) if flags[c] & _STORED]
         while stack:
-            k = stack.pop()
-            child = self._entries.get(k)
-            if child is None:
-                continue
-            out.append(k)
-            stack.extend(child.children)
+            s = stack.pop()
+            out.append(keys[s])  # type: ignore[arg-type]
+            stack.extend(c for c in self.child_slots(s) if flags[c] & _STORED)
         return out
 
     @property
@@ -98,100 +209,120 @@ class ChunkIndex:
         return self.bytes_stored + self.bytes_pending
 
     def tick(self) -> int:
+        if self._clock >= _CLOCK_MAX:
+            self._renumber_clocks()
         self._clock += 1
         return self._clock
+
+    def subscribe(self, listener: IndexListener) -> None:
+        """Hear every change from now on (a policy's incremental state)."""
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: IndexListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     # ---------------------------------------------------------------- updates
     def reserve(self, key: bytes, size: int, *, position: int = 0,
                 parent: bytes | None = None, spare: bool = False) -> None:
         self.release(key)
-        self._pending[key] = ChunkEntry(key=key, group=key_group(key), position=position,
-                                        size=size, parent=parent, spare=spare)
+        if key in self._slot:  # stored already: nothing to reserve
+            return
+        slot = self._new_slot(key, position=position, size=size, parent=parent,
+                              flags=_PENDING | (_SPARE if spare else 0))
         self.bytes_pending += size
+        for listener in self._listeners:
+            listener.on_present(slot)
 
-    def release(self, key: bytes) -> ChunkEntry | None:
-        entry = self._pending.pop(key, None)
-        if entry is not None:
-            self.bytes_pending -= entry.size
-        return entry
+    def release(self, key: bytes) -> bool:
+        """Drop a reservation; False if there was none."""
+        slot = self._slot.get(key)
+        if slot is None or not self._flags[slot] & _PENDING:
+            return False
+        for listener in self._listeners:
+            listener.on_absent(slot)
+        self.bytes_pending -= self._size[slot]
+        self._free_slot(slot)
+        return True
 
     def add(self, key: bytes, *, group: int, position: int, size: int,
             parent: bytes | None = None, last_access: int | None = None,
             spare: bool | None = None, mtime_ns: int = 0) -> ChunkEntry:
-        reservation = self.release(key)
-        old = self._entries.get(key)
-        if old is not None:
-            return old
-        if spare is None:
-            spare = reservation.spare if reservation is not None else False
+        slot = self._slot.get(key)
+        if slot is not None and self._flags[slot] & _STORED:
+            return ChunkEntry(self, slot, key)
         now = self.tick()
-        entry = ChunkEntry(key=key, group=group, position=position, size=size, parent=parent,
-                           last_access=now if last_access is None else last_access,
-                           created=now, spare=spare, mtime_ns=mtime_ns)
-        self._entries[key] = entry
+        if slot is not None:  # a reservation completes: same slot, fresh facts
+            flags = self._flags[slot]
+            self.bytes_pending -= self._size[slot]
+            if spare is None:
+                spare = bool(flags & _SPARE)
+            self._position[slot] = position
+            self._size[slot] = size
+            self._flags[slot] = _STORED | (_SPARE if spare else 0)
+            if self.parent_key(slot) != parent:
+                self._unlink(slot)
+                self._link(slot, parent)
+        else:
+            slot = self._new_slot(key, position=position, size=size, parent=parent,
+                                  flags=_STORED | (_SPARE if spare else 0))
+        self._last_access[slot] = now if last_access is None else last_access
+        self._created[slot] = now
+        self._last_hit[slot] = 0
+        self._mtime[slot] = mtime_ns
+        self._stored += 1
         self.bytes_stored += size
-        self._by_hash.setdefault(key_hash(key), {})[group] = key
-        if parent is not None and parent in self._entries:
-            self._entries[parent].children.add(key)
-        for child_key in self._orphan_children.pop(key, ()):
-            if child_key in self._entries:
-                entry.children.add(child_key)
-        if parent is not None and parent not in self._entries:
-            self._orphan_children.setdefault(parent, set()).add(key)
-        return entry
+        for listener in self._listeners:
+            listener.on_stored(slot)
+        return ChunkEntry(self, slot, key)
 
-    def remove(self, key: bytes) -> ChunkEntry | None:
-        entry = self._entries.pop(key, None)
-        if entry is None:
-            return None
-        self.bytes_stored -= entry.size
-        same_pos = self._by_hash.get(key_hash(key))
-        if same_pos is not None:
-            same_pos.pop(entry.group, None)
-            if not same_pos:
-                del self._by_hash[key_hash(key)]
-        if entry.parent is not None:
-            if entry.parent in self._entries:
-                self._entries[entry.parent].children.discard(key)
-            waiting = self._orphan_children.get(entry.parent)
-            if waiting is not None:
-                waiting.discard(key)
-                if not waiting:
-                    del self._orphan_children[entry.parent]
-        if entry.children:
-            # the children stay (until evicted); they wait for their parent again
-            self._orphan_children.setdefault(key, set()).update(entry.children)
-        return entry
+    def remove(self, key: bytes) -> bool:
+        """Forget a stored chunk (its children stay, waiting for it again)."""
+        slot = self._slot.get(key)
+        if slot is None or not self._flags[slot] & _STORED:
+            return False
+        for listener in self._listeners:
+            listener.on_absent(slot)
+        self._stored -= 1
+        self.bytes_stored -= self._size[slot]
+        self._free_slot(slot)
+        return True
 
     def touch(self, key: bytes) -> None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            entry.last_access = self.tick()
-            entry.spare = False
+        slot = self._slot.get(key)
+        if slot is not None and self._flags[slot] & _STORED:
+            self._last_access[slot] = self.tick()
+            was_spare = bool(self._flags[slot] & _SPARE)
+            self._flags[slot] &= ~_SPARE
+            for listener in self._listeners:
+                listener.on_touch(slot, was_spare)
 
     def mark_hit(self, key: bytes) -> None:
         """A loaded hit ended at ``key``."""
-        entry = self._entries.get(key)
-        if entry is not None:
-            entry.last_hit = self.tick()
+        slot = self._slot.get(key)
+        if slot is not None and self._flags[slot] & _STORED:
+            self._last_hit[slot] = self.tick()
+            for listener in self._listeners:
+                listener.on_hit(slot)
 
     def pin(self, key: bytes) -> None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            entry.pins += 1
+        slot = self._slot.get(key)
+        if slot is not None and self._flags[slot] & _STORED:
+            self._pins[slot] += 1
 
     def unpin(self, key: bytes) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and entry.pins > 0:
-            entry.pins -= 1
+        slot = self._slot.get(key)
+        if slot is not None and self._flags[slot] & _STORED and self._pins[slot] > 0:
+            self._pins[slot] -= 1
 
     def clear(self) -> None:
-        self._entries.clear()
-        self._pending.clear()
-        self._by_hash.clear()
-        self._orphan_children.clear()
-        self.bytes_stored = 0
-        self.bytes_pending = 0
+        listeners = self._listeners
+        self.__init__()  # type: ignore[misc]
+        self._listeners = listeners
+        for listener in listeners:
+            reset = getattr(listener, "on_clear", None)
+            if reset is not None:
+                reset()
 
     # ---------------------------------------------------------------- rebuild
     def load(self, chunks: Iterable[ChunkRecord], *, by_mtime: bool = True) -> int:
@@ -202,7 +333,7 @@ class ChunkIndex:
         """
         added = 0
         for chunk in sorted(chunks, key=lambda c: c.mtime_ns) if by_mtime else chunks:
-            if chunk.key in self._entries:
+            if chunk.key in self:
                 continue
             self.add(chunk.key, group=chunk.group, position=chunk.position,
                      size=chunk.size, parent=chunk.parent, mtime_ns=chunk.mtime_ns)
@@ -211,8 +342,13 @@ class ChunkIndex:
 
     def records(self) -> list[ChunkRecord]:
         """Every stored chunk, least recently used first."""
-        return [ChunkRecord(e.key, e.group, e.position, e.size, e.parent, e.mtime_ns)
-                for e in sorted(self._entries.values(), key=lambda e: e.last_access)]
+        keys, flags = self._keys, self._flags
+        slots = [s for s in self._slot.values() if flags[s] & _STORED]
+        access = np.frombuffer(self._last_access, dtype=np.uint32)
+        order = np.asarray(slots, dtype=np.int64)
+        order = order[np.argsort(access[order], kind="stable")] if slots else order
+        return [ChunkRecord(keys[s], self._group[s], self._position[s], self._size[s],
+                            self.parent_key(s), self._mtime[s]) for s in order.tolist()]
 
     @classmethod
     def from_records(cls, chunks: Iterable[ChunkRecord]) -> ChunkIndex:
@@ -220,3 +356,115 @@ class ChunkIndex:
         index = cls()
         index.load(chunks)
         return index
+
+    # ---------------------------------------------------------------- internals
+    def _new_slot(self, key: bytes, *, position: int, size: int, parent: bytes | None,
+                  flags: int) -> int:
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        group = key_group(key)
+        self._slot[key] = slot
+        self._keys[slot] = key
+        self._group[slot] = group
+        self._groups.add(group)
+        self._position[slot] = position
+        self._size[slot] = size
+        self._flags[slot] = flags
+        self._pins[slot] = 0
+        self._last_access[slot] = self._created[slot] = self._last_hit[slot] = 0
+        self._mtime[slot] = 0
+        self._link(slot, parent)
+        # children that were waiting for this key
+        waiting = self._orphans.pop(key, None)
+        if waiting:
+            for c in waiting:
+                del self._orphan_parent[c]
+                self._parent[c] = slot
+                self._sibling[c] = self._child[slot]
+                self._child[slot] = c
+        return slot
+
+    def _free_slot(self, slot: int) -> None:
+        key = self._keys[slot]
+        self._unlink(slot)
+        # present children now wait for this key again
+        c = self._child[slot]
+        if c != _NONE:
+            waiting = self._orphans.setdefault(key, set())  # type: ignore[arg-type]
+            while c != _NONE:
+                nxt = self._sibling[c]
+                self._parent[c] = _NONE
+                self._sibling[c] = _NONE
+                self._orphan_parent[c] = key  # type: ignore[assignment]
+                waiting.add(c)
+                c = nxt
+        self._child[slot] = _NONE
+        del self._slot[key]  # type: ignore[arg-type]
+        self._keys[slot] = None
+        self._flags[slot] = 0
+        self._pins[slot] = 0
+        self._free.append(slot)
+
+    def _link(self, slot: int, parent: bytes | None) -> None:
+        self._parent[slot] = _NONE
+        self._sibling[slot] = _NONE
+        if parent is None:
+            return
+        p = self._slot.get(parent)
+        if p is None:
+            self._orphan_parent[slot] = parent
+            self._orphans.setdefault(parent, set()).add(slot)
+            return
+        self._parent[slot] = p
+        self._sibling[slot] = self._child[p]
+        self._child[p] = slot
+
+    def _unlink(self, slot: int) -> None:
+        p = self._parent[slot]
+        if p != _NONE:
+            c = self._child[p]
+            if c == slot:
+                self._child[p] = self._sibling[slot]
+            else:
+                while c != _NONE:
+                    nxt = self._sibling[c]
+                    if nxt == slot:
+                        self._sibling[c] = self._sibling[slot]
+                        break
+                    c = nxt
+        else:
+            key = self._orphan_parent.pop(slot, None)
+            if key is not None:
+                waiting = self._orphans.get(key)
+                if waiting is not None:
+                    waiting.discard(slot)
+                    if not waiting:
+                        del self._orphans[key]
+        self._parent[slot] = _NONE
+        self._sibling[slot] = _NONE
+
+    def _grow(self) -> None:
+        n = len(self._flags)
+        self._keys.extend([None] * n)
+        for name in ("_group", "_position", "_size", "_last_access", "_created", "_last_hit",
+                     "_mtime", "_pins"):
+            col: array = getattr(self, name)
+            col.frombytes(bytes(col.itemsize * n))
+        for name in ("_parent", "_child", "_sibling"):
+            getattr(self, name).extend(array("i", [_NONE]) * n)
+        self._flags.extend(bytes(n))
+        self._free.extend(range(2 * n - 1, n - 1, -1))
+
+    def _renumber_clocks(self) -> None:
+        """Compress the logical clocks to 1..k, keeping their order (and 0 = never)."""
+        cols = [np.frombuffer(c, dtype=np.uint32) for c in
+                (self._last_access, self._created, self._last_hit)]
+        values, inverse = np.unique(np.concatenate(cols), return_inverse=True)
+        ranks = np.arange(len(values), dtype=np.uint32) + (0 if values[0] == 0 else 1)
+        new = ranks[inverse]
+        n = len(cols[0])
+        for i, col in enumerate((self._last_access, self._created, self._last_hit)):
+            col[:] = array("I", new[i * n:(i + 1) * n].tobytes())
+        self._clock = int(new.max())
+
