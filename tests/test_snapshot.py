@@ -67,7 +67,10 @@ def write_chunk(store: ChunkStore, key: bytes, blocks: int = 1, seed: int = 0,
 
 def rewrite_chunk(store: ChunkStore, key: bytes, blocks: int) -> None:
     """The same chunk written again (as another engine would), holding ``blocks`` blocks."""
-    parent = store.describe(key).parent
+    try:
+        parent = store.describe(key).parent
+    except Exception:  # a garbled file: written again from scratch
+        parent = None
     store.delete(key)
     write_chunk(store, key, blocks=blocks, seed=99, parent=parent)
 

@@ -202,18 +202,19 @@ def _check(store: ChunkStore, snap: Snapshot, check_stats: bool) -> Restored:
     changed: list[bytes] = []
     new: list[bytes] = []
     dropped = 0
+    from_bytes, get_leaf = int.from_bytes, listed.get  # hot loop: one pass per record
     for rec in snap.records:
-        key = rec.key
-        if (len(key) < 5 or key_group(key) != rec.group or rec.size < 0
-                or (rec.parent is not None and rec.parent[-4:] != key[-4:])):
+        key, group, parent = rec.key, rec.group, rec.parent
+        if (len(key) < 5 or from_bytes(key[-4:], "big") != group or rec.size < 0
+                or (parent is not None and parent[-4:] != key[-4:])):
             raise SnapshotInvalid(f"record {key.hex()[:80]} contradicts its key")
         hx = key.hex()
-        leaf = listed.get((rec.group, hx[:2]))
+        leaf = get_leaf((group, hx[:2]))
         name = hx + CHUNK_SUFFIX
         if leaf is None or name not in leaf[1]:
             dropped += 1
             continue
-        leaf[1].discard(name)
+        leaf[1].remove(name)
         if check_stats:
             try:
                 st = os.stat(os.path.join(leaf[0], name))
