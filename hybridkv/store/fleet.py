@@ -1,0 +1,563 @@
+"""Fleet budget: one ``disk_budget`` for every engine sharing a layout directory.
+
+Engines coordinate through small files only (atomic rename; ``link`` to create
+the lease), never ``flock``, so it works on NFS and Lustre::
+
+    <layout_dir>/fleet/lease.json          who evicts for the fleet, and until when
+    <layout_dir>/fleet/state.json          the holder's accounting: base bytes, baselines
+    <layout_dir>/fleet/members/<id>.json   one member's usage (heartbeat, admitted, grant)
+
+Accounting. The fleet's usage is ``U = base + sum_m (admitted_m - baseline_m +
+grant_m)``: ``base`` is what the lease holder counted at its last sync (the
+chunk files it listed plus every member's bytes in flight), ``admitted_m`` the
+bytes member ``m`` has reserved for stores since it started (``baseline_m``:
+the value the holder read just before listing), ``grant_m`` room ``m`` claimed
+and has not used yet.
+
+Invariants:
+- ``U`` computed from the files is >= the bytes of chunk files on disk: files
+  appear only after a reservation counted in ``admitted`` (or in the holder's
+  ``base``), and only deletions the holder made itself lower ``base`` (by the
+  bytes it really unlinked). Anything uncertain is counted twice, never zero times.
+- A member admits a store only out of a grant it *published before* it read
+  every other member's file and found ``U <= budget``. Of two concurrent
+  claims the later reader sees the earlier one, so grants never oversubscribe
+  the budget where a read after a rename sees the renamed file (POSIX; NFS with
+  close-to-open consistency). Where reads can be stale, each member can
+  overshoot by at most one grant plus one store batch: the *allowance*
+  (``allowance()``).
+- Only the lease holder deletes chunks for the budget. The lease decides who
+  evicts, never what is correct: two holders at once (clock skew, a stalled
+  holder) evict more than needed, and a deleted file is a miss for everyone.
+- A member whose heartbeat is older than ``usage_ttl`` is dead: its files are
+  counted by the next listing, and the holder removes its usage file then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from hybridkv.chunks import ChunkRecord
+from hybridkv.keys import key_from_hex
+from hybridkv.store.fileio import FileIO
+from hybridkv.store.format import ChunkError
+from hybridkv.store.paths import CHUNK_SUFFIX
+
+__all__ = ["FleetMember", "Lease", "LeaseRecord", "Usage", "FleetState", "sync_index",
+           "FLEET_DIR", "DEFAULT_INTERVAL", "DEFAULT_LEASE_TTL", "GRANT_CAP"]
+
+log = logging.getLogger(__name__)
+
+FLEET_DIR = "fleet"
+#: seconds between full syncs (directory listings) while other members are alive
+DEFAULT_INTERVAL = 5.0
+#: seconds a lease lasts without renewal; a member silent for 2x this is dead
+DEFAULT_LEASE_TTL = 15.0
+#: largest grant a member claims at once (bounds the allowance on large budgets)
+GRANT_CAP = 64 * 2**20
+
+_HOST = socket.gethostname().replace(".", "_")[:32]
+
+
+class LeaseRecord(msgspec.Struct, kw_only=True):
+    owner: str
+    token: str
+    expires: float  # wall-clock seconds
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    member: str
+    host: str = ""
+    pid: int = 0
+    heartbeat: float = 0.0  # wall-clock seconds of the last publish
+    admitted: int = 0  # bytes reserved for stores since start (monotonic)
+    inflight: int = 0  # reserved bytes whose store has not completed
+    grant: int = 0  # claimed room not used yet
+    demand: int = 0  # bytes last refused (asks the holder to evict)
+
+
+class FleetState(msgspec.Struct, kw_only=True):
+    owner: str = ""
+    generation: int = 0
+    synced_at: float = 0.0
+    base: int = 0
+    baselines: dict[str, int] = {}
+
+
+_lease_dec = msgspec.json.Decoder(LeaseRecord)
+_usage_dec = msgspec.json.Decoder(Usage)
+_state_dec = msgspec.json.Decoder(FleetState)
+
+
+def _read(path: Path, decoder):
+    try:
+        return decoder.decode(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("hybridkv fleet: ignoring unreadable %s: %s", path, exc)
+        return None
+
+
+class Lease:
+    """The right to evict for the fleet: ``lease.json`` names one owner until ``expires``.
+
+    Created atomically with content (temp file + ``link``, which fails if the
+    lease exists); renewed by its owner (rename over) while it still has
+    ``margin`` seconds left; taken over once expired by renaming it aside (only
+    one renamer wins) and creating a fresh one. Assumes clocks agree within
+    ``margin`` (NTP); if they do not, two holders may evict at once (harmless).
+    """
+
+    def __init__(self, path: Path, owner: str, ttl: float, *, io: FileIO,
+                 clock: Callable[[], float] = time.time):
+        if ttl <= 0:
+            raise ValueError(f"lease ttl must be positive, got {ttl}")
+        self.path = path
+        self.owner = owner
+        self.ttl = ttl
+        self.margin = ttl / 5
+        self.io = io
+        self.clock = clock
+        self._token: str | None = None
+        self._expires = 0.0
+
+    def holds(self) -> bool:
+        """True while this owner's lease has more than ``margin`` seconds left."""
+        return self._token is not None and self.clock() < self._expires - self.margin
+
+    def read(self) -> LeaseRecord | None:
+        return _read(self.path, _lease_dec)
+
+    def acquire(self) -> bool:
+        """Hold the lease after this call? Renews our own, takes an expired one."""
+        now = self.clock()
+        if self.holds():
+            if now > self._expires - self.ttl * 2 / 3:
+                return self._renew()
+            return True
+        self._token = None
+        current = self.read()
+        if current is None:
+            if self.path.exists() and not self._stale_garbage(now):
+                return False  # unreadable and fresh: someone is writing it; wait
+            if self.path.exists():
+                self._take(None)
+            return self._create()
+        if now <= current.expires:
+            return False
+        return self._take(current) and self._create()
+
+    def release(self) -> None:
+        """Give the lease up (clean shutdown): the next member need not wait for expiry."""
+        if self._token is not None:
+            current = self.read()
+            if current is not None and current.token == self._token:
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+        self._token = None
+
+    # ------------------------------------------------------------------ internals
+    def _record(self, token: str) -> bytes:
+        return msgspec.json.encode(LeaseRecord(owner=self.owner, token=token,
+                                               expires=self.clock() + self.ttl))
+
+    def _create(self) -> bool:
+        token = secrets.token_hex(8)
+        tmp = self.path.with_name(f".{self.owner}.{token}.lease.tmp")
+        body = self._record(token)
+        try:
+            self.io.makedirs(self.path.parent)
+            with open(tmp, "wb") as f:
+                f.write(body)
+            os.link(tmp, self.path)  # atomic; fails if another member created it first
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            log.warning("hybridkv fleet: cannot create lease %s: %s", self.path, exc)
+            return False
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        self._token = token
+        self._expires = msgspec.json.decode(body)["expires"]
+        return True
+
+    def _renew(self) -> bool:
+        current = self.read()
+        if current is None or current.token != self._token:
+            self._token = None  # taken over while we were away
+            return False
+        body = self._record(self._token)
+        try:
+            self.io.write_atomic(self.path, body)
+        except OSError as exc:
+            log.warning("hybridkv fleet: cannot renew lease %s: %s", self.path, exc)
+            return self.holds()
+        self._expires = msgspec.json.decode(body)["expires"]
+        return True
+
+    def _take(self, seen: LeaseRecord | None) -> bool:
+        """Move an expired lease aside; False if it was renewed meanwhile (put back)."""
+        aside = self.path.with_name(f".{self.owner}.{secrets.token_hex(4)}.lease.taken")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True  # another member moved it first; race on creation instead
+        except OSError as exc:
+            log.warning("hybridkv fleet: cannot take over lease %s: %s", self.path, exc)
+            return False
+        moved = _read(aside, _lease_dec)
+        fresh = seen is not None and (moved is None or moved.token != seen.token
+                                      or moved.expires != seen.expires)
+        if fresh:  # renewed between our read and the rename: give it back
+            try:
+                os.link(aside, self.path)
+            except OSError:
+                pass
+        try:
+            os.unlink(aside)
+        except OSError:
+            pass
+        if not fresh:
+            log.info("hybridkv fleet: took over expired lease of %s",
+                     seen.owner if seen else "an unreadable lease")
+        return not fresh
+
+    def _stale_garbage(self, now: float) -> bool:
+        try:
+            return now - self.path.stat().st_mtime > self.ttl
+        except OSError:
+            return True
+
+
+@dataclass
+class Snapshot:
+    """Every member's usage as the holder read it just before listing the directory."""
+
+    members: dict[str, Usage] = field(default_factory=dict)
+
+    @property
+    def inflight(self) -> int:
+        return sum(u.inflight for u in self.members.values())
+
+    @property
+    def grants(self) -> int:
+        return sum(u.grant for u in self.members.values())
+
+
+class FleetMember:
+    """One engine's side of the fleet budget: usage file, lease, grants, state.
+
+    The caller (``HybridKVManager``) owns the index and deletes files; this
+    class owns the files under ``fleet/`` and the arithmetic. ``clock`` is
+    wall-clock time (heartbeats and leases are compared across hosts).
+    """
+
+    def __init__(self, layout_dir: str | Path, budget: int, *, interval: float = DEFAULT_INTERVAL,
+                 lease_ttl: float = DEFAULT_LEASE_TTL, initial_bytes: int = 0,
+                 member_id: str | None = None, io: FileIO | None = None,
+                 clock: Callable[[], float] = time.time):
+        if budget <= 0:
+            raise ValueError(f"fleet budget must be positive, got {budget}")
+        self.dir = Path(layout_dir) / FLEET_DIR
+        self.members_dir = self.dir / "members"
+        self.state_path = self.dir / "state.json"
+        self.budget = budget
+        self.interval = interval
+        self.usage_ttl = 2 * lease_ttl
+        self.poll_s = min(0.5, interval / 4, lease_ttl / 6)
+        self.clock = clock
+        self.io = io or FileIO()
+        self.member_id = member_id or f"{_HOST}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.usage_path = self.members_dir / f"{self.member_id}.json"
+        self.lease = Lease(self.dir / "lease.json", self.member_id, lease_ttl,
+                           io=self.io, clock=clock)
+        self.io.makedirs(self.members_dir)
+        self._initial = initial_bytes  # base until a holder has published a state
+        self.admitted = 0
+        self.inflight = 0
+        self.grant = 0
+        self.demand = 0
+        self._published = 0.0
+        self._next_poll = 0.0
+        self._blocked_until = 0.0
+        self._dirty = False
+        self.last_sync = float("-inf")
+        self.live_members = 1
+        self.publish()
+
+    # ------------------------------------------------------------------ usage files
+    def publish(self) -> None:
+        now = self.clock()
+        body = msgspec.json.encode(Usage(
+            member=self.member_id, host=_HOST, pid=os.getpid(), heartbeat=now,
+            admitted=self.admitted, inflight=self.inflight, grant=self.grant,
+            demand=self.demand))
+        try:
+            self.io.write_atomic(self.usage_path, body)
+        except FileNotFoundError:
+            self.io.makedirs(self.members_dir)
+            self.io.write_atomic(self.usage_path, body)
+        self._published = now
+        self._dirty = False
+
+    def read_members(self) -> dict[str, Usage]:
+        """Every member's published usage (ours included, as published)."""
+        found: dict[str, Usage] = {}
+        try:
+            entries = list(os.scandir(self.members_dir))
+        except FileNotFoundError:
+            return found
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.name.endswith(".json"):
+                continue
+            usage = _read(Path(entry.path), _usage_dec)
+            if usage is not None:
+                found[usage.member] = usage
+        return found
+
+    def read_state(self) -> FleetState | None:
+        return _read(self.state_path, _state_dec)
+
+    def usage(self, members: dict[str, Usage] | None = None,
+              state: FleetState | None = None) -> int:
+        """``U``: bytes the fleet may have on disk (our own live figures, others' published)."""
+        members = self.read_members() if members is None else members
+        state = self.read_state() if state is None else state
+        base = state.base if state is not None else self._initial
+        baselines = state.baselines if state is not None else {}
+        total = base
+        for member, u in members.items():
+            if member == self.member_id:
+                continue
+            total += max(0, u.admitted - baselines.get(member, 0)) + u.grant
+        total += max(0, self.admitted - baselines.get(self.member_id, 0)) + self.grant
+        self.live_members = 1 + sum(
+            1 for m, u in members.items()
+            if m != self.member_id and self.clock() - u.heartbeat <= self.usage_ttl)
+        return total
+
+    # ------------------------------------------------------------------ admission
+    @property
+    def grant_unit(self) -> int:
+        return min(GRANT_CAP, self.budget // (16 * max(1, self.live_members)))
+
+    def allowance(self, batch_bytes: int, members: int | None = None) -> int:
+        """How far above the budget chunk files may go where reads can be stale:
+        each member one grant plus one store batch (0 where reads see renames)."""
+        n = members if members is not None else self.live_members
+        return n * (self.grant_unit + batch_bytes)
+
+    def admit(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` for a store, from our grant or a newly claimed one."""
+        if nbytes <= 0:
+            return True
+        now = self.clock()
+        if now - self._published > self.usage_ttl / 2:
+            self.grant = 0  # the holder may have declared us dead and forgotten our grant
+        if nbytes > self.grant:
+            if now < self._blocked_until:
+                return False
+            if not self._claim(nbytes - self.grant):
+                self._blocked_until = now + self.poll_s
+                return False
+        self.grant -= nbytes
+        self.admitted += nbytes
+        self.inflight += nbytes
+        self._dirty = True  # published at the next poll (the claim already covers it)
+        if self.demand:
+            self.demand = 0
+            self.publish()
+        return True
+
+    def _claim(self, need: int) -> bool:
+        """Publish a bigger grant, then check every member's usage (publish, then read)."""
+        asks = [max(need, self.grant_unit)]
+        if asks[0] > need:
+            asks.append(need)
+        for ask in asks:
+            self.grant += ask
+            self.publish()
+            if self.usage() <= self.budget:
+                return True
+            self.grant -= ask
+        self.demand = need
+        self.publish()
+        return False
+
+    def done(self, nbytes: int) -> None:
+        """A reservation ended (stored, failed or aborted): no longer in flight."""
+        self.inflight = max(0, self.inflight - nbytes)
+        self._dirty = True
+
+    def unblock(self) -> None:
+        self._blocked_until = 0.0
+
+    # ------------------------------------------------------------------ polling
+    def poll(self, force: bool = False) -> str | None:
+        """Heartbeat and lease; for the holder, what to do now.
+
+        Returns ``"sync"`` (list the directory, then evict), ``"evict"`` (a member
+        asks for room, or usage is over the budget) or None. Cheap unless due.
+        """
+        now = self.clock()
+        if not force and now < self._next_poll:
+            return None
+        self._next_poll = now + self.poll_s
+        was_holder = self.lease.holds()
+        holder = self.lease.acquire()
+        if self._dirty or now - self._published > self.usage_ttl / 3:
+            self.publish()
+        if not holder:
+            return None
+        if not was_holder:
+            log.info("hybridkv fleet: %s holds the eviction lease", self.member_id)
+            return "sync"
+        members = self.read_members()
+        usage = self.usage(members)
+        others = self.live_members > 1
+        if others and now - self.last_sync >= self.interval:
+            return "sync"
+        if usage > self.budget or any(u.demand for m, u in members.items()
+                                      if m != self.member_id):
+            return "evict"
+        return None
+
+    @property
+    def holder(self) -> bool:
+        return self.lease.holds()
+
+    def free_target(self, headroom: int) -> int:
+        """Bytes the holder leaves free when it evicts: its headroom, and one grant per member."""
+        return max(headroom, self.live_members * self.grant_unit)
+
+    # ------------------------------------------------------------------ holder
+    def begin_sync(self) -> Snapshot:
+        """Read every member's usage (ours fresh) before listing the directory."""
+        self.publish()
+        return Snapshot(self.read_members())
+
+    def excess(self, headroom: int, extra: int = 0, *, disk_bytes: int | None = None,
+               snapshot: Snapshot | None = None) -> int:
+        """Bytes the holder must evict so usage + ``extra`` <= budget - free target.
+
+        With ``disk_bytes`` and ``snapshot`` (during a sync), usage is what the
+        sync will publish; otherwise it is read from the files.
+        """
+        if snapshot is not None and disk_bytes is not None:
+            usage = disk_bytes + snapshot.inflight + snapshot.grants
+        else:
+            usage = self.usage()
+        return usage + extra - (self.budget - self.free_target(headroom))
+
+    def finish_sync(self, snapshot: Snapshot, disk_bytes: int) -> FleetState:
+        """Publish the new base (files listed after eviction + bytes in flight);
+        remove the usage files of dead members (their files are now in ``disk_bytes``)."""
+        now = self.clock()
+        old = self.read_state()
+        baselines = {}
+        for member, u in snapshot.members.items():
+            if member != self.member_id and now - u.heartbeat > self.usage_ttl:
+                try:
+                    os.unlink(self.members_dir / f"{member}.json")
+                except OSError:
+                    pass
+                continue
+            baselines[member] = u.admitted
+        baselines[self.member_id] = snapshot.members.get(
+            self.member_id, Usage(member=self.member_id)).admitted
+        state = FleetState(owner=self.member_id,
+                           generation=(old.generation + 1) if old else 1,
+                           synced_at=now, base=disk_bytes + snapshot.inflight,
+                           baselines=baselines)
+        self._write_state(state)
+        self.last_sync = now
+        return state
+
+    def freed(self, nbytes: int) -> None:
+        """The holder unlinked ``nbytes`` of chunk files: lower ``base`` by as much."""
+        if nbytes <= 0:
+            return
+        state = self.read_state()
+        if state is None:
+            self._initial = max(0, self._initial - nbytes)
+            return
+        state.base = max(0, state.base - nbytes)
+        state.generation += 1
+        self._write_state(state)
+
+    def _write_state(self, state: FleetState) -> None:
+        try:
+            self.io.write_atomic(self.state_path, msgspec.json.encode(state))
+        except OSError as exc:
+            log.warning("hybridkv fleet: cannot write %s: %s", self.state_path, exc)
+
+    def close(self) -> None:
+        """Clean shutdown: give up the lease, withdraw our grant."""
+        self.lease.release()
+        self.grant = 0
+        self.demand = 0
+        try:
+            self.publish()
+        except OSError:
+            pass
+
+
+def sync_index(store, index, *, on_gone: Callable[[bytes], None] | None = None) -> tuple[int, int]:
+    """Bring ``index`` up to date with the chunk files of ``store``'s rank.
+
+    Lists the leaf directories ``r<rank>/g<group>/<hh>/``; names the index does
+    not know are described (header + stat) and loaded; stored entries whose
+    file is gone are removed (pinned ones are left for their load to fail
+    closed). Keys being stored by this process (pending) are left alone.
+    Returns (added, removed).
+    """
+    seen: set[bytes] = set()
+    new: list[ChunkRecord] = []
+    for group in store.layout.groups:
+        gdir = store.paths.group_dir(group.index)
+        try:
+            leaves = [e.path for e in os.scandir(gdir) if e.is_dir()]
+        except FileNotFoundError:
+            continue
+        for leaf in leaves:
+            try:
+                names = os.listdir(leaf)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name.startswith(".") or not name.endswith(CHUNK_SUFFIX):
+                    continue
+                try:
+                    key = key_from_hex(name[: -len(CHUNK_SUFFIX)])
+                except ValueError:
+                    continue
+                seen.add(key)
+                if key in index or index.get_any(key) is not None:
+                    continue
+                try:
+                    new.append(store.describe(key))
+                except (OSError, ValueError, ChunkError) as exc:
+                    log.debug("hybridkv fleet: skipping %s: %s", name, exc)
+    added = index.load(new)
+    gone = [e.key for e in list(index) if e.key not in seen and not e.pins]
+    for key in gone:
+        index.remove(key)
+        if on_gone is not None:
+            on_gone(key)
+    return added, len(gone)
+
