@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -56,6 +57,23 @@ class Capacity:
         #: how many times the policy was asked for victims on the store path
         self.victim_calls = 0
         self._open: dict[str, set[bytes]] = {}
+        policy.attach(index)
+
+    # ------------------------------------------------------------------ loads
+    def load(self, keys: Sequence[bytes]) -> None:
+        """Chunks of one hit are about to be read: pin them (never evicted) and tell the policy."""
+        for key in keys:
+            self.index.pin(key)
+        self.policy.on_load(keys, self.index)
+
+    def load_done(self, keys: Iterable[bytes]) -> None:
+        """The reads of ``load`` finished (or failed): unpin."""
+        for key in keys:
+            self.index.unpin(key)
+
+    def offer(self, batch: Sequence[Candidate], request: RequestView) -> StorePlan:
+        """Chunks the engine offers to store: ``plan_store`` (the name the callers read)."""
+        return self.plan_store(batch, request)
 
     # ------------------------------------------------------------------ stores
     def plan_store(self, batch: Sequence[Candidate], request: RequestView) -> StorePlan:
@@ -137,15 +155,13 @@ class Capacity:
     def remove(self, keys: Iterable[bytes]) -> list[bytes]:
         """Forget ``keys`` (and, per policy, the orphans they leave); returns what went."""
         removed: list[bytes] = []
-        todo = list(keys)
-        orphans = getattr(self.policy, "orphans_of", None) if self.policy.reclaims_orphans else None
+        todo = deque(keys)
         while todo:
-            key = todo.pop(0)
+            key = todo.popleft()
             entry = self.index.get(key)
             if entry is None or entry.pins:
                 continue
-            if orphans is not None:
-                todo += orphans(self.index, key)
+            todo.extend(self.policy.orphans_of(self.index, key))
             self.index.remove(key)
             removed.append(key)
         return removed

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from hybridkv.capacity import DEFAULT_HEADROOM
-from hybridkv.policies import POLICY_NAMES
+from hybridkv.policies import policy_names
 from hybridkv.store.fileio import DURABILITY_CHOICES
 
 __all__ = ["ConfigError", "HybridKVConfig", "parse_size", "VLLM_KEYS"]
@@ -77,10 +77,20 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
     eviction_headroom: float = DEFAULT_HEADROOM
     #: seconds between index snapshots (and one at shutdown) for a fast restart (0: none)
     snapshot_interval: float = 300.0
+    #: one budget for every engine on the directory: "auto" (on when disk_budget is set), "on", "off"
+    fleet: str = "auto"
+    #: seconds between the lease holder's directory syncs while other engines are alive
+    fleet_interval: float = 5.0
+    #: seconds the fleet's eviction lease lasts without renewal (an engine silent 2x this is dead)
+    fleet_lease_ttl: float = 15.0
 
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir)
+
+    @property
+    def fleet_enabled(self) -> bool:
+        return self.disk_budget is not None and self.fleet != "off"
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any]) -> HybridKVConfig:
@@ -120,9 +130,9 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError(f"refresh_interval: expected seconds >= 0, got {r!r}")
             kwargs["refresh_interval"] = float(r)
         if "eviction_policy" in extra:
-            if extra["eviction_policy"] not in POLICY_NAMES:
+            if extra["eviction_policy"] not in policy_names():
                 raise ConfigError(
-                    f"eviction_policy: {extra['eviction_policy']!r} is not one of {POLICY_NAMES}")
+                    f"eviction_policy: {extra['eviction_policy']!r} is not one of {policy_names()}")
             kwargs["eviction_policy"] = extra["eviction_policy"]
         if "checkpoint_interval" in extra:
             k = extra["checkpoint_interval"]
@@ -142,6 +152,7 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError(
                     f"snapshot_interval: expected seconds >= 0 (0: no index snapshots), got {t!r}")
             kwargs["snapshot_interval"] = float(t)
+        kwargs.update(_parse_fleet(extra, kwargs.get("disk_budget")))
         return cls(**kwargs)
 
     def check_directory(self) -> None:
@@ -157,6 +168,26 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(
                 f"cache_dir: {path} is not writable by this process (uid {os.getuid()}); "
                 "choose a writable directory or fix its permissions")
+
+
+def _parse_fleet(extra: Mapping[str, Any], budget: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "fleet" in extra:
+        f = extra["fleet"]
+        f = {True: "on", False: "off"}.get(f, f) if isinstance(f, bool) else f
+        if f not in ("auto", "on", "off"):
+            raise ConfigError(f"fleet: expected 'auto', 'on' or 'off' (or true/false), got {f!r}")
+        if f == "on" and budget is None:
+            raise ConfigError("fleet: 'on' needs a disk_budget to share; set disk_budget or "
+                              "fleet='off'")
+        out["fleet"] = f
+    for key, low, high in (("fleet_interval", 0.1, 3600.0), ("fleet_lease_ttl", 1.0, 3600.0)):
+        if key in extra:
+            v = extra[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+                raise ConfigError(f"{key}: expected seconds in {low:g}..{high:g}, got {v!r}")
+            out[key] = float(v)
+    return out
 
 
 def _parse_mode(value: Any, key: str) -> int:

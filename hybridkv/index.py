@@ -40,9 +40,10 @@ from hybridkv.keys import key_group, key_hash, make_key
 
 __all__ = ["ChunkEntry", "ChunkIndex", "IndexListener"]
 
-_STORED = 1
-_PENDING = 2
-_SPARE = 4
+#: flag bits of a slot (``ChunkIndex.flags``)
+STORED = _STORED = 1
+PENDING = _PENDING = 2
+SPARE = _SPARE = 4
 _NONE = -1
 _CLOCK_MAX = 2**32 - 1
 _INITIAL = 1024

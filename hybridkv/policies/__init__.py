@@ -1,4 +1,4 @@
-"""Capacity policies behind one factory (``make_policy``); see ``base`` for the interface.
+"""Capacity policies, registered by name (``registry``); see ``base`` for the interface.
 
 | name | admission | eviction |
 |---|---|---|
@@ -14,28 +14,33 @@ from hybridkv.groups import GroupKind, HybridLayout
 from hybridkv.policies.base import Admission, Candidate, CapacityPolicy, RequestView
 from hybridkv.policies.group_aware import GroupAwarePolicy
 from hybridkv.policies.lru import LRUPolicy
+from hybridkv.policies.registry import make_policy, policy_names, register_policy
 from hybridkv.policies.watermark import WatermarkPolicy
 
-__all__ = ["POLICY_NAMES", "make_policy", "Admission", "Candidate", "CapacityPolicy",
-           "RequestView", "GroupAwarePolicy", "LRUPolicy", "WatermarkPolicy"]
+__all__ = ["POLICY_NAMES", "make_policy", "policy_names", "register_policy", "Admission",
+           "Candidate", "CapacityPolicy", "RequestView", "GroupAwarePolicy", "LRUPolicy",
+           "WatermarkPolicy"]
 
-POLICY_NAMES = ("group_aware", "lru", "watermark")
 
-
-def make_policy(name: str, layout: HybridLayout, *, cost: PrefillCost | None = None,
-                checkpoint_interval: int = 0, alpha: float = 1.0) -> CapacityPolicy:
-    """The policy called ``name`` for ``layout``.
-
-    ``group_aware`` needs a full-attention group; for a layout without one it
-    falls back to ``lru`` (there is no prefix spine to be aware of).
-    """
-    if name == "group_aware":
-        if not layout.groups_of(GroupKind.FULL):
-            return LRUPolicy()
-        return GroupAwarePolicy(layout, cost=cost, checkpoint_interval=checkpoint_interval,
-                                alpha=alpha)
-    if name == "lru":
+@register_policy("group_aware")
+def _group_aware(layout: HybridLayout, *, cost: PrefillCost | None = None,
+                 checkpoint_interval: int = 0, alpha: float = 1.0) -> CapacityPolicy:
+    """Needs a full-attention group; without one it is ``lru`` (no prefix spine)."""
+    if not layout.groups_of(GroupKind.FULL):
         return LRUPolicy()
-    if name == "watermark":
-        return WatermarkPolicy()
-    raise ValueError(f"unknown eviction policy {name!r}; choose one of {POLICY_NAMES}")
+    return GroupAwarePolicy(layout, cost=cost, checkpoint_interval=checkpoint_interval,
+                            alpha=alpha)
+
+
+@register_policy("lru")
+def _lru(layout: HybridLayout, **_: object) -> CapacityPolicy:
+    return LRUPolicy()
+
+
+@register_policy("watermark")
+def _watermark(layout: HybridLayout, **_: object) -> CapacityPolicy:
+    return WatermarkPolicy()
+
+
+#: the names configuration accepts (the registry's, at import)
+POLICY_NAMES = policy_names()

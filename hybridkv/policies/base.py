@@ -64,8 +64,6 @@ class CapacityPolicy(ABC):
     """Admission and eviction over a ``ChunkIndex``; see the module invariants."""
 
     name: str = "abstract"
-    #: remove chunks that become unreachable when a chunk they depend on goes
-    reclaims_orphans: bool = False
     #: groups every hit depends on from the start (full attention), for a
     #: prefix-aware policy; a generic one leaves this empty
     spine_groups: frozenset[int] = frozenset()
@@ -83,6 +81,19 @@ class CapacityPolicy(ABC):
         ``expendable``: up to that many more bytes for ``SPARE`` candidates, taken only
         from chunks worth less than any spare one (a policy without that notion, none).
         """
+
+    def attach(self, index: ChunkIndex) -> None:
+        """The index this policy will decide over (``Capacity`` calls it once).
+
+        A policy that keeps incremental state subscribes to the index here.
+        """
+
+    def orphans_of(self, index: ChunkIndex, key: bytes) -> list[bytes]:
+        """Stored chunks that can no longer be part of any hit once ``key`` is gone.
+
+        ``Capacity.remove`` removes them along with ``key``; default none.
+        """
+        return []
 
     def on_load(self, keys: Sequence[bytes], index: ChunkIndex) -> None:
         """Chunks are being loaded for one hit (in group, then prefix order)."""

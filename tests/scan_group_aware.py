@@ -52,11 +52,11 @@ from hybridkv.groups import GroupKind, HybridLayout
 from hybridkv.index import ChunkEntry, ChunkIndex
 from hybridkv.keys import key_group, key_hash, make_key
 from hybridkv.policies.base import Admission, Candidate, CapacityPolicy, RequestView
-from hybridkv.policies.full import FullAttentionRule
-from hybridkv.policies.hit_points import likely_hit_points
+from hybridkv.policies.group_aware.full import FullAttentionRule
+from hybridkv.policies.group_aware.hit_points import likely_hit_points
 from hybridkv.policies.lru import lru_order
-from hybridkv.policies.sliding import SlidingWindowRule
-from hybridkv.policies.state import StateRule
+from hybridkv.policies.group_aware.sliding import SlidingWindowRule
+from hybridkv.policies.group_aware.state import StateRule
 
 __all__ = ["GroupAwarePolicy", "Analysis"]
 
