@@ -182,3 +182,23 @@ def test_sync_index_finds_new_files_and_drops_vanished_ones(tmp_path):
     assert keys[0] in index and keys[1] not in index
     assert {keys[2], keys[3], keys[4]} <= {e.key for e in index}
     assert keys[5] not in index and index.is_pending(keys[5])
+
+
+# ------------------------------------------------------------------ settings
+def test_fleet_settings_are_validated_with_the_key_named(tmp_path):
+    from hybridkv.config import ConfigError, HybridKVConfig
+
+    def parse(**extra):
+        return HybridKVConfig.from_extra_config({"cache_dir": str(tmp_path), **extra})
+
+    assert parse(disk_budget="1GiB").fleet_enabled  # auto: on with a budget
+    assert not parse().fleet_enabled
+    assert not parse(disk_budget="1GiB", fleet=False).fleet_enabled
+    assert parse(disk_budget=10, fleet=True, fleet_interval=2, fleet_lease_ttl=30).fleet == "on"
+    for bad, key in (({"fleet": "maybe"}, "fleet"), ({"fleet": "on"}, "fleet"),
+                     ({"fleet_interval": 0}, "fleet_interval"),
+                     ({"fleet_interval": True}, "fleet_interval"),
+                     ({"fleet_lease_ttl": 0.5}, "fleet_lease_ttl"),
+                     ({"fleet_lease_ttl": "15s"}, "fleet_lease_ttl")):
+        with pytest.raises(ConfigError, match=f"^{key}:"):
+            parse(**bad)

@@ -179,7 +179,8 @@ class Lease:
         body = self._record(token)
         try:
             self.io.makedirs(self.path.parent)
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.io.file_mode)
+            with os.fdopen(fd, "wb") as f:
                 f.write(body)
             os.link(tmp, self.path)  # atomic; fails if another member created it first
         except FileExistsError:
@@ -245,7 +246,7 @@ class Lease:
 
 
 @dataclass
-class Snapshot:
+class UsageSnapshot:
     """Every member's usage as the holder read it just before listing the directory."""
 
     members: dict[str, Usage] = field(default_factory=dict)
@@ -446,13 +447,13 @@ class FleetMember:
         return max(headroom, self.live_members * self.grant_unit)
 
     # ------------------------------------------------------------------ holder
-    def begin_sync(self) -> Snapshot:
+    def begin_sync(self) -> UsageSnapshot:
         """Read every member's usage (ours fresh) before listing the directory."""
         self.publish()
-        return Snapshot(self.read_members())
+        return UsageSnapshot(self.read_members())
 
     def excess(self, headroom: int, extra: int = 0, *, disk_bytes: int | None = None,
-               snapshot: Snapshot | None = None) -> int:
+               snapshot: UsageSnapshot | None = None) -> int:
         """Bytes the holder must evict so usage + ``extra`` <= budget - free target.
 
         With ``disk_bytes`` and ``snapshot`` (during a sync), usage is what the
@@ -464,7 +465,7 @@ class FleetMember:
             usage = self.usage()
         return usage + extra - (self.budget - self.free_target(headroom))
 
-    def finish_sync(self, snapshot: Snapshot, disk_bytes: int) -> FleetState:
+    def finish_sync(self, snapshot: UsageSnapshot, disk_bytes: int) -> FleetState:
         """Publish the new base (files listed after eviction + bytes in flight);
         remove the usage files of dead members (their files are now in ``disk_bytes``)."""
         now = self.clock()

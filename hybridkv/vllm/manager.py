@@ -38,6 +38,7 @@ from hybridkv.keys import key_group
 from hybridkv.policies import Candidate, CapacityPolicy, LRUPolicy, RequestView
 from hybridkv.stats import Counters
 from hybridkv.store.chunk_store import ChunkStore
+from hybridkv.store.fleet import FleetMember, sync_index
 from hybridkv.store.format import ChunkError
 from hybridkv.store.snapshot import SnapshotWriter, recheck, restore
 from hybridkv.vllm.transfer import ChunkLoadSpec, ChunkStoreSpec
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: bytes a chunk file adds on top of its payload (safetensors + JSON header), an upper bound
 HEADER_ALLOWANCE = 4096
+#: fleet mode: seconds a stat that found a chunk's file is trusted before a HIT stats again
+FLEET_CONFIRM_S = 1.0
 
 
 class HybridKVManager(OffloadingManager):
@@ -75,6 +78,7 @@ class HybridKVManager(OffloadingManager):
                  "removed; eviction policy %s", len(self.index),
                  self.index.bytes_stored / 2**20, store.paths.layout_dir,
                  time.monotonic() - started, removed_tmp, self.capacity.policy.name)
+        self.fleet = self._fleet_start()
         self._delete(self.capacity.enforce())
         self.counters.flush(force=True)
 
@@ -84,7 +88,10 @@ class HybridKVManager(OffloadingManager):
 
     # ------------------------------------------------------------------ lookups
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        self._fleet_tick()
         if key in self.index:
+            if self.fleet is not None and not self._fleet_confirm(key):
+                return LookupResult.MISS
             if key in self._unchecked and not self._recheck(key):
                 return LookupResult.MISS
             return LookupResult.HIT
@@ -139,6 +146,7 @@ class HybridKVManager(OffloadingManager):
     # ------------------------------------------------------------------ stores
     def prepare_store(self, keys: Collection[OffloadKey],
                       req_context: ReqContext) -> PrepareStoreOutput | None:
+        self._fleet_tick()
         positions = _key_positions(req_context)
         by_position = {(key_group(k), p): k for k, p in positions.items()}
         batch: list[Candidate] = []
@@ -154,6 +162,7 @@ class HybridKVManager(OffloadingManager):
                 by_position.get((group, position - self._chunk_tokens[group]))))
         plan = self.capacity.plan_store(batch, RequestView(
             req_context.req_id, positions, self._prompt_tokens.get(req_context.req_id)))
+        self._fleet_admit(plan)
         for cand in plan.rejected:
             self.counters.add("stores_not_admitted", 1, cand.group)
         for cand in plan.skipped:
@@ -179,6 +188,7 @@ class HybridKVManager(OffloadingManager):
         for key in keys:
             if not self.index.is_pending(key):
                 continue
+            self._fleet_done(key)
             group = key_group(key)
             try:
                 record = self.store.describe(key)
@@ -207,6 +217,8 @@ class HybridKVManager(OffloadingManager):
     # ------------------------------------------------------------------ eviction
     def _delete(self, keys: list[bytes]) -> None:
         """Delete the files of keys the capacity layer removed from the index."""
+        if self.fleet is not None:
+            return self._fleet_delete(keys)
         for key in keys:
             self.store.delete(key)
             self.counters.add("chunks_evicted", 1, key_group(key))
@@ -227,6 +239,8 @@ class HybridKVManager(OffloadingManager):
         self._delete(self.capacity.remove([e.key for e in list(self.index)]))
 
     def shutdown(self) -> None:
+        if self.fleet is not None:
+            self.fleet.close()
         if self._snapshots is not None:
             self._snapshots.write(self.index.records())
         self.counters.flush(force=True)
@@ -263,6 +277,132 @@ class HybridKVManager(OffloadingManager):
     def _maybe_snapshot(self) -> None:
         if self._snapshots is not None and self._snapshots.due():
             self._snapshots.start(self.index.records())
+
+    # ------------------------------------------------------------------ fleet budget
+    def _fleet_start(self) -> FleetMember | None:
+        """Fleet mode (``hybridkv.store.fleet``): one budget for every engine on the directory."""
+        c = self.config
+        if not c.fleet_enabled:
+            return None
+        self._fleet_sizes: dict[bytes, int] = {}  # key -> bytes admitted for its store
+        self._fleet_confirmed: dict[bytes, float] = {}  # key -> when a stat found its file
+        self.fleet = FleetMember(self.store.paths.layout_dir, c.disk_budget,
+                                 interval=c.fleet_interval, lease_ttl=c.fleet_lease_ttl,
+                                 initial_bytes=self.index.bytes_stored, io=self.store.io)
+        self.capacity.budget = None  # only the lease holder evicts
+        self._fleet_tick(force=True)
+        return self.fleet
+
+    def _fleet_tick(self, force: bool = False) -> None:
+        """Heartbeat, lease, and (holder) sync or evict when due; a clock read otherwise."""
+        fleet = self.fleet
+        if fleet is None:
+            return
+        action = fleet.poll(force)
+        self.capacity.budget = self.config.disk_budget if fleet.holder else None
+        if action == "sync":
+            self._fleet_sync()
+        elif action == "evict":
+            self._fleet_evict(0)
+
+    def _fleet_sync(self) -> None:
+        """Holder: index every chunk file of the directory, evict for the fleet, publish."""
+        fleet = self.fleet
+        snapshot = fleet.begin_sync()  # before listing: the baselines of what we will list
+        added, gone = sync_index(self.store, self.index)
+        self.counters.add("fleet_syncs")
+        self.counters.add("fleet_found", added)
+        self.counters.add("fleet_gone", gone)
+        over = fleet.excess(self.capacity.headroom, disk_bytes=self.index.bytes_stored,
+                            snapshot=snapshot)
+        if over > 0:
+            self._fleet_shed(over)
+        fleet.finish_sync(snapshot, self.index.bytes_stored)
+
+    def _fleet_evict(self, extra: int) -> None:
+        """Holder: evict until the fleet's usage + ``extra`` leaves the free target."""
+        fleet = self.fleet
+        over = fleet.excess(self.capacity.headroom, extra)
+        if over <= 0:
+            return
+        before = self.index.bytes_used
+        self._fleet_shed(over)
+        if before - self.index.bytes_used < over and fleet.clock() - fleet.last_sync >= max(
+                fleet.poll_s, fleet.interval / 5):
+            self._fleet_sync()  # the rest is in chunks of other engines we have not indexed
+
+    def _fleet_shed(self, over: int) -> None:
+        """Evict ``over`` bytes from the index with the capacity policy (group-aware)."""
+        cap = self.capacity
+        cap.budget = max(0, self.index.bytes_used - over)
+        try:
+            removed = cap.enforce()
+        finally:
+            cap.budget = self.config.disk_budget
+        self._delete(removed)
+
+    def _fleet_admit(self, plan) -> None:
+        """Keep the admitted chunks the fleet has room for (in plan order); skip the rest."""
+        fleet = self.fleet
+        if fleet is None:
+            return
+        for i, cand in enumerate(plan.admitted):
+            ok = fleet.admit(cand.size)
+            if not ok and fleet.holder:
+                fleet.unblock()
+                self._fleet_evict(sum(c.size for c in plan.admitted[i:]))
+                ok = fleet.admit(cand.size)
+            if not ok:  # nothing past a chunk that did not fit is worth storing
+                for rest in plan.admitted[i:]:
+                    self.capacity.abort(rest.key)
+                    self.counters.add("fleet_refused", 1, rest.group)
+                plan.skipped += plan.admitted[i:]
+                del plan.admitted[i:]
+                return
+            self._fleet_sizes[cand.key] = cand.size
+
+    def _fleet_done(self, key: bytes) -> None:
+        if self.fleet is not None:
+            self.fleet.done(self._fleet_sizes.pop(key, 0))
+
+    def _fleet_confirm(self, key: bytes) -> bool:
+        """Before a HIT: does the file still exist (another engine may have evicted it)?"""
+        now = time.monotonic()
+        last = self._fleet_confirmed.get(key)
+        if last is not None and now - last < FLEET_CONFIRM_S:
+            return True
+        try:
+            self.store.path(key).stat()
+        except FileNotFoundError:
+            self._fleet_confirmed.pop(key, None)
+            entry = self.index.get(key)
+            if entry is not None and not entry.pins:
+                self.index.remove(key)
+            self.counters.add("fleet_vanished", 1, key_group(key))
+            return False
+        except OSError:
+            return True  # cannot tell: a load that fails is recomputed
+        if len(self._fleet_confirmed) > 1_000_000:
+            self._fleet_confirmed.clear()
+        self._fleet_confirmed[key] = now
+        return True
+
+    def _fleet_delete(self, keys: list[bytes]) -> None:
+        """``_delete`` in fleet mode: the holder lowers the fleet's usage by what it unlinked."""
+        freed = 0
+        for key in keys:
+            try:
+                size = self.store.path(key).stat().st_size
+            except OSError:
+                size = 0
+            if self.store.delete(key):
+                freed += size
+            self._fleet_confirmed.pop(key, None)
+            self.counters.add("chunks_evicted", 1, key_group(key))
+        if keys and self.emit_events:
+            self._events.append(OffloadingEvent(keys=keys, medium=Medium.STORAGE, removed=True))
+        if self.fleet.holder:
+            self.fleet.freed(freed)
 
 
 def _key_positions(req_context: ReqContext) -> dict[bytes, int]:
