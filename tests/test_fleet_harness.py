@@ -96,3 +96,32 @@ def test_three_engines_share_one_budget(model_dir, tmp_path):
     for eng in engines:
         eng.shutdown()
     assert not (m.fleet.dir / "lease.json").exists()  # released on clean shutdown
+
+
+def test_file_deleted_between_hit_and_load_is_recomputed(model_dir, tmp_path):
+    """The stat before a HIT cannot close the window up to the load: another engine may
+    delete the file right after. The load fails closed (``ChunkMissing``), vLLM
+    recomputes the request, and the engine lives on."""
+    cache = tmp_path / "kv"
+    prompt = H.token_ids(7, 150)
+    first = make_engine(model_dir, cache)
+    first.serve({"a": prompt})
+    first.shutdown()
+
+    e = make_engine(model_dir, cache)
+    original = e.manager.prepare_load
+    deleted = []
+
+    def prepare_then_lose_a_file(keys, req_context):
+        keys = list(keys)
+        spec = original(keys, req_context)
+        os.unlink(e.store.path(keys[-1]))  # evicted by another engine, after the HIT
+        deleted.append(keys[-1])
+        return spec
+
+    e.manager.prepare_load = prepare_then_lose_a_file
+    e.serve({"b": prompt})
+    assert deleted and e.external_tokens["b"] > 0  # the scheduler believed the HIT...
+    assert e.start_tokens["b"] == 0  # ...the load failed and b was recomputed
+    assert e.manager.counters.get("requests_load_failed") == 1
+    e.shutdown()
