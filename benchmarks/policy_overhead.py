@@ -1,21 +1,21 @@
-"""Cost of an eviction decision, and how often one runs, for the group-aware policy.
+"""What eviction costs as the store grows: one decision, and a whole replay.
 
-The group-aware policy decides what to evict by analysing every stored chunk
-(which hit points exist, which chunks they need): one decision costs time
-linear in the chunks on disk, and in vLLM it runs on the scheduler's thread
-inside ``prepare_store``. This benchmark measures
-
-1. the time of one ``victims`` call against the number of chunks stored, per
-   model layout (a synthetic index filled by the policy's own admission: chats
-   on shared system prompts), and the same for group-agnostic LRU beside it;
-2. how many eviction decisions a replay of the multi-turn trace at 25% of its
-   working set makes with ``eviction_headroom`` 0 and with the default, and
-   the token hit rate of both (same run, so the ratio is meaningful).
+1. One eviction decision at 10K, 100K and 1M stored chunks (``--quick``: 10K and
+   100K): the index is filled with group-aware admission (unbounded), then the
+   budget is set to what is stored and new requests of 16 chunks per group are
+   offered one by one; each offer must evict about one request's worth.
+   ``Capacity.offer`` is timed (admission, the victim search with whatever
+   incremental upkeep it catches up on, reservations), median over the offers.
+   The scan-based analysis the policy used before (kept as the test oracle) is
+   timed at 10K for comparison.
+2. A replay of the multi-turn trace (quick scale with ``--quick``, else full) at
+   10% and 25% of its working set with group_aware and with lru: wall time ratio,
+   and the eviction decisions taken with ``eviction_headroom`` 0 and the default.
 
     python benchmarks/policy_overhead.py --out FILE.json [--quick]
 
---quick: 1k and 4k chunks and the quick trace (about 20 s); otherwise up to
-16k chunks and the full-scale trace (a few minutes on 2 cores).
+Targets: decision at the largest size <= 2x the decision at 10K; group_aware replay
+<= 2x the lru replay (worst model x budget).
 """
 
 from __future__ import annotations
@@ -37,94 +37,149 @@ from hybridkv.sim.layouts import SIM_MODELS, SimModel
 from hybridkv.sim.replay import replay, working_set_bytes
 from hybridkv.sim.traces import make_trace
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def fill_index(model: SimModel, chunks: int, seed: int = 0) -> ChunkIndex:
-    """An index of about ``chunks`` chunks, admitted by the group-aware policy (unbounded)."""
-    rng = random.Random(seed)
-    index = ChunkIndex()
+
+def request(model: SimModel, rng: random.Random, systems: list[list[int]], n: int
+            ) -> tuple[list[Candidate], RequestView]:
+    """A new conversation: a shared system prompt, then fresh chunks (16 per group)."""
     layout = model.layout
-    cap = Capacity(index, make_policy("group_aware", layout, cost=model.cost), None)
+    ids = rng.choice(systems) + [rng.getrandbits(64) for _ in range(16)]
+    hashes = [hash(tuple(ids[:i + 1])).to_bytes(8, "big", signed=True) for i in range(len(ids))]
+    batch, positions = [], {}
+    for g in layout.groups:
+        keys = [make_key(h, g.index) for h in hashes]
+        for i, k in enumerate(keys):
+            positions[k] = (i + 1) * g.chunk_tokens
+            batch.append(Candidate(k, g.index, (i + 1) * g.chunk_tokens, g.chunk_bytes,
+                                   keys[i - 1] if i else None))
+    return batch, RequestView(f"r{n}", positions, len(ids) * layout.groups[0].chunk_tokens + 7)
+
+
+def offer(cap: Capacity, batch: list[Candidate], view: RequestView) -> tuple[float, int]:
+    """Offer one request's chunks; seconds in ``Capacity.offer`` and chunks it evicted."""
+    fresh = [c for c in batch if c.key not in cap.index]
+    t = time.perf_counter()
+    plan = cap.offer(fresh, view)
+    took = time.perf_counter() - t
+    evicted = len(plan.evicted)
+    for cand in plan.admitted:
+        evicted += len(cap.commit(cand.key, size=cand.size, position=cand.position,
+                                  parent=cand.parent))
+    cap.request_finished(view.request_id)
+    return took, evicted
+
+
+def decision_cost(model: SimModel, chunks: int, offers: int, seed: int = 0,
+                  scan_too: bool = False) -> dict:
+    rng = random.Random(seed)
     systems = [[rng.getrandbits(64) for _ in range(rng.randint(2, 6))] for _ in range(8)]
+    index = ChunkIndex()
+    policy = make_policy("group_aware", model.layout, cost=model.cost)
+    fill = Capacity(index, policy, None)
+    t = time.perf_counter()
     n = 0
     while len(index) < chunks:
-        ids = rng.choice(systems) + [rng.getrandbits(64) for _ in range(rng.randint(2, 24))]
-        hashes = [hash(tuple(ids[:i + 1])).to_bytes(8, "big", signed=True)
-                  for i in range(len(ids))]
-        batch, positions = [], {}
-        for g in layout.groups:
-            keys = [make_key(h, g.index) for h in hashes]
-            for i, k in enumerate(keys):
-                positions[k] = (i + 1) * g.chunk_tokens
-                if k not in index:
-                    batch.append(Candidate(k, g.index, (i + 1) * g.chunk_tokens, g.chunk_bytes,
-                                           keys[i - 1] if i else None))
-        rid = f"r{n}"
+        offer(fill, *request(model, rng, systems, n))
         n += 1
-        view = RequestView(rid, positions, len(ids) * layout.groups[0].chunk_tokens + 7)
-        for cand in cap.plan_store(batch, view).admitted:
-            cap.commit(cand.key, size=cand.size, position=cand.position, parent=cand.parent)
-        cap.request_finished(rid)
-    return index
+    fill_s = time.perf_counter() - t
+    cap = Capacity(index, policy, index.bytes_used, headroom=0.0)
+    times, evicted = [], []
+    for i in range(offers):
+        took, ev = offer(cap, *request(model, rng, systems, n + i))
+        times.append(took)
+        evicted.append(ev)
+    row = {"model": model.name, "chunks": len(index), "fill_s": fill_s,
+           "fill_us_per_chunk": fill_s * 1e6 / len(index), "offers": offers,
+           "decision_ms_median": statistics.median(times) * 1e3,
+           "decision_ms_mean": statistics.fmean(times) * 1e3,
+           "decision_ms_max": max(times) * 1e3,
+           "evicted_per_decision": statistics.fmean(evicted)}
+    if scan_too:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from scan_group_aware import GroupAwarePolicy as ScanPolicy
 
-
-def time_victims(model: SimModel, index: ChunkIndex, policy: str, repeat: int) -> float:
-    """Median seconds of one victims call asking for 1% of the stored bytes."""
-    pol = make_policy(policy, model.layout, cost=model.cost)
-    times = []
-    for _ in range(repeat):
+        scan = ScanPolicy(model.layout, cost=model.cost)
         t = time.perf_counter()
-        pol.victims(index, max(1, index.bytes_used // 100))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        scan.victims(index, max(1, sum(c.size for c in request(model, rng, systems, -1)[0])))
+        row["scan_decision_ms"] = (time.perf_counter() - t) * 1e3
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--models", default="gemma3_27b,jamba_mini",
+                    help="comma-separated simulator layouts (default gemma3_27b,jamba_mini)")
     args = ap.parse_args(argv)
-    sizes = (1000, 4000) if args.quick else (1000, 4000, 16000)
+    models = [m for m in args.models.split(",") if m]
+    for m in models:
+        if m not in SIM_MODELS:
+            ap.error(f"--models: unknown layout {m!r}; choose from {', '.join(SIM_MODELS)}")
+    sizes = (10_000, 100_000) if args.quick else (10_000, 100_000, 1_000_000)
     started = time.perf_counter()
 
     scaling = []
-    for name, model in SIM_MODELS.items():
+    for name in models:
+        model = SIM_MODELS[name]
         for size in sizes:
-            index = fill_index(model, size)
-            row = {"model": name, "chunks": len(index)}
-            for policy in ("group_aware", "lru"):
-                s = time_victims(model, index, policy, repeat=3)
-                row[f"{policy}_ms"] = s * 1e3
-                row[f"{policy}_us_per_chunk"] = s * 1e6 / len(index)
+            row = decision_cost(model, size, offers=30, scan_too=size == sizes[0])
             scaling.append(row)
-            print(f"{name:15s} {row['chunks']:>6} chunks: group_aware {row['group_aware_ms']:8.1f} "
-                  f"ms ({row['group_aware_us_per_chunk']:.1f} us/chunk), lru "
-                  f"{row['lru_ms']:6.1f} ms")
+            scan = (f"; scan-based analysis {row['scan_decision_ms']:.1f} ms"
+                    if "scan_decision_ms" in row else "")
+            print(f"{name:15s} {row['chunks']:>9,} chunks: decision "
+                  f"{row['decision_ms_median']:.2f} ms median ({row['decision_ms_max']:.2f} max, "
+                  f"{row['evicted_per_decision']:.0f} chunks evicted each){scan}; "
+                  f"fill {row['fill_us_per_chunk']:.0f} us/chunk", flush=True)
 
     trace = make_trace("multi_turn", scale="quick" if args.quick else "full")
-    headroom = []
-    for name in ("gemma3_27b", "jamba_mini"):
+    replays = []
+    for name in models:
         model = SIM_MODELS[name]
-        budget = int(working_set_bytes(trace, model) * 0.25)
-        runs = {h: replay(trace, model, "group_aware", budget, budget_fraction=0.25, headroom=h)
-                for h in (0.0, DEFAULT_HEADROOM)}
-        none, dflt = runs[0.0], runs[DEFAULT_HEADROOM]
-        row = {"model": name, "trace": trace.name, "requests": len(trace.requests),
-               "budget_fraction": 0.25, "default_headroom": DEFAULT_HEADROOM,
-               "victim_calls_no_headroom": none.victim_calls,
-               "victim_calls_default": dflt.victim_calls,
-               "calls_ratio": none.victim_calls / max(1, dflt.victim_calls),
-               "hit_rate_no_headroom": none.token_hit_rate,
-               "hit_rate_default": dflt.token_hit_rate,
-               "wall_s_no_headroom": none.wall_s, "wall_s_default": dflt.wall_s}
-        headroom.append(row)
-        print(f"{name:15s} multi_turn @25%, {row['requests']} requests: eviction decisions "
-              f"{row['victim_calls_no_headroom']} -> {row['victim_calls_default']} "
-              f"({row['calls_ratio']:.1f}x fewer) with headroom {DEFAULT_HEADROOM}; hit rate "
-              f"{row['hit_rate_no_headroom']:.3f} -> {row['hit_rate_default']:.3f}")
+        ws = working_set_bytes(trace, model)
+        for fraction in (0.10, 0.25):
+            budget = int(ws * fraction)
+            lru = replay(trace, model, "lru", budget, budget_fraction=fraction)
+            ga = replay(trace, model, "group_aware", budget, budget_fraction=fraction)
+            none = replay(trace, model, "group_aware", budget, budget_fraction=fraction,
+                          headroom=0.0)
+            row = {"model": name, "trace": trace.name, "requests": len(trace.requests),
+                   "budget_fraction": fraction, "lru_s": lru.wall_s, "group_aware_s": ga.wall_s,
+                   "time_ratio": ga.wall_s / max(1e-9, lru.wall_s),
+                   "hit_rate_lru": lru.token_hit_rate, "hit_rate_group_aware": ga.token_hit_rate,
+                   "victim_calls_default": ga.victim_calls,
+                   "victim_calls_no_headroom": none.victim_calls,
+                   "hit_rate_no_headroom": none.token_hit_rate,
+                   "group_aware_no_headroom_s": none.wall_s}
+            replays.append(row)
+            print(f"{name:15s} multi_turn @{fraction:.0%} ({row['requests']} requests): "
+                  f"group_aware {ga.wall_s:.2f} s vs lru {lru.wall_s:.2f} s "
+                  f"= {row['time_ratio']:.2f}x; eviction decisions {none.victim_calls} -> "
+                  f"{ga.victim_calls} with headroom {DEFAULT_HEADROOM} (hit rate "
+                  f"{none.token_hit_rate:.4f} -> {ga.token_hit_rate:.4f})", flush=True)
+
+    targets = {}
+    for name in models:
+        rows = [r for r in scaling if r["model"] == name]
+        small, large = rows[0], rows[-1]
+        ratio = large["decision_ms_median"] / max(1e-9, small["decision_ms_median"])
+        targets[f"decision_{large['chunks'] // 1000}k_vs_10k_{name}"] = {
+            "figure": round(ratio, 2), "goal": "<= 2.0", "met": ratio <= 2.0,
+            "small_ms": small["decision_ms_median"], "large_ms": large["decision_ms_median"]}
+    worst = max(replays, key=lambda r: r["time_ratio"])
+    targets["replay_group_aware_vs_lru"] = {
+        "figure": round(worst["time_ratio"], 2), "goal": "<= 2.0",
+        "met": worst["time_ratio"] <= 2.0,
+        "worst_cell": f"{worst['model']} @{worst['budget_fraction']:.0%} ({worst['trace']})"}
+    for tname, t in targets.items():
+        extra = f" (worst: {t['worst_cell']})" if "worst_cell" in t else ""
+        print(f"target {tname}: {t['figure']} (goal {t['goal']}) "
+              f"{'MET' if t['met'] else 'MISSED'}{extra}")
 
     doc = {"benchmark": "policy_overhead", "quick": args.quick, "command": sys.argv,
            "machine": {"platform": platform.platform(), "python": platform.python_version()},
-           "victims_scaling": scaling, "headroom": headroom,
+           "decisions": scaling, "replays": replays, "targets": targets,
            "wall_s": time.perf_counter() - started}
     args.out.write_text(json.dumps(doc, indent=1))
     print(f"saved {args.out} ({doc['wall_s']:.1f} s)")

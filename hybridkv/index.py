@@ -109,7 +109,7 @@ class ChunkIndex:
         self._mtime = array("q", bytes(8 * n))
         self._pins = array("H", bytes(2 * n))
         self._flags = bytearray(n)
-        self._free: list[int] = list(range(n - 1, -1, -1))
+        self._free = array("i", range(n - 1, -1, -1))  # free slots, next last
         #: parent key -> slots of present children waiting for it; child slot -> that key
         self._orphans: dict[bytes, set[int]] = {}
         self._orphan_parent: dict[int, bytes] = {}
@@ -340,6 +340,35 @@ class ChunkIndex:
                      size=chunk.size, parent=chunk.parent, mtime_ns=chunk.mtime_ns)
             added += 1
         return added
+
+    def lru_slots(self) -> Iterator[int]:
+        """Slots of stored chunks, least recently used first (sorted lazily, in blocks)."""
+        n = len(self._flags)
+        flags = np.frombuffer(self._flags, dtype=np.uint8)[:n]
+        slots = np.flatnonzero(flags & _STORED)
+        if not len(slots):
+            return
+        access = np.frombuffer(self._last_access, dtype=np.uint32)[slots]
+        del flags
+        block = 256
+        start = 0
+        while start < len(slots):
+            # the next ``block`` smallest, without sorting all of them
+            k = min(block, len(slots) - start)
+            rest_access = access[start:]
+            if k < len(rest_access):
+                part = np.argpartition(rest_access, k - 1)
+                rest = slots[start:][part]
+                rest_access = rest_access[part]
+                slots[start:] = rest
+                access[start:] = rest_access
+            head = np.argsort(access[start:start + k], kind="stable")
+            slots[start:start + k] = slots[start:start + k][head]
+            access[start:start + k] = access[start:start + k][head]
+            for s in slots[start:start + k].tolist():
+                yield s
+            start += k
+            block *= 4
 
     def records(self) -> list[ChunkRecord]:
         """Every stored chunk, least recently used first."""

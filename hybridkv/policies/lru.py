@@ -10,19 +10,25 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from hybridkv.index import ChunkIndex
-from hybridkv.policies.base import CapacityPolicy, unpinned
+from hybridkv.policies.base import CapacityPolicy
 
 __all__ = ["LRUPolicy", "lru_order"]
 
 
 def lru_order(index: ChunkIndex, needed: int, protect: Collection[bytes] = ()) -> list[bytes]:
-    """Least recently used stored keys until ``needed`` bytes are covered."""
-    victims, freed = [], 0
-    for entry in sorted(unpinned(index, protect), key=lambda e: e.last_access):
+    """Least recently used stored, unpinned keys not in ``protect`` until ``needed`` bytes."""
+    victims: list[bytes] = []
+    if needed <= 0:
+        return victims
+    freed = 0
+    for slot in index.lru_slots():
         if freed >= needed:
             break
-        victims.append(entry.key)
-        freed += entry.size
+        key = index.key_of(slot)
+        if index._pins[slot] or key in protect:
+            continue
+        victims.append(key)
+        freed += index._size[slot]
     return victims
 
 

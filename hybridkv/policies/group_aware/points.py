@@ -18,14 +18,19 @@ A change touches only its neighbourhood: the hit point at the changed chunk's
 prefix position, the points whose window reaches it, a full-attention
 subtree when its root arrives or leaves, and the chain above a point. Values
 that depend on wider structure (a point's FLOPs-per-byte share of the chain
-above it, a spare chunk's gap to the checkpoint below) are recomputed lazily
-for points marked *stale*, and all of them again once the changes since the last
-full refresh outnumber half the points (amortised O(1) per change).
+above it, a spare chunk's gap to the checkpoint below) are recomputed at the
+next decision for the points a change marks *stale*.
 
-Invariants (checked against a from-scratch analysis in the tests):
-points, needs, checkpoints, refs, below and the dead pool equal what a full
-scan of the index computes after every change; gaps and densities equal it
-right after ``settle(full=True)`` and are refreshed within the amortised bound.
+Two bounds keep a change local under a widely shared prefix (thousands of
+conversations below one system prompt), at the price of exactness there: a
+chunk at least ``SHARED`` points share does not mark all of them stale when
+that number changes (each one's share moves by under 1/SHARED), and gap
+searches and refresh walks visit at most ``WALK_LIMIT`` chunks.
+
+Invariants (checked against the scan-based analysis in the tests): points, needs,
+checkpoints, refs, below and the dead pool equal what a full scan of the index
+computes after every change; densities, gaps and the spare pool equal it at every
+decision unless one of the two bounds was reached.
 """
 
 from __future__ import annotations
@@ -47,6 +52,11 @@ __all__ = ["HitPoints", "Point", "FAR"]
 
 #: the gap of a spare chunk with no checkpoint past it
 FAR = 1 << 62
+#: a chunk shared by at least this many hit points: a change in how many share it moves
+#: each one's density by under 1/SHARED, so they are not all refreshed for it
+SHARED = 16
+#: nodes a gap search or a refresh walk below one point visits at most
+WALK_LIMIT = 256
 
 
 
@@ -57,6 +67,7 @@ class Point:
     density: float = 0.0  # FLOPs saved per byte charged (0 for a non-checkpoint)
     recency: tuple[int, int, int] = (0, 0, 0)  # (max(last_hit, created), position, slot)
     gap: int = FAR  # for a non-checkpoint: distance to the checkpoint below (FAR: none)
+    counted: bool = False  # its gap is in its needs' ``_chunk_gap`` minimum
 
 
 class HitPoints:
@@ -70,6 +81,9 @@ class HitPoints:
         self._spec = {g.index: g for g in layout.groups}
         self._full = {g.index for g in layout.groups if g.kind is GroupKind.FULL}
         self._others = [g for g in layout.groups if g.index != self.bb]
+        self._other_keys = [(g, make_key(b"", g.index), g.kind) for g in self._others]
+        self._window_n: dict[tuple[int, int], int] = {}
+        self._bb_suffix = make_key(b"", self.bb)
         #: per sliding group, how deep below a chunk a window that includes it can end
         self._reach = {g.index: max(1, _max_window_chunks(g)) for g in layout.groups
                        if g.kind is GroupKind.SLIDING}
@@ -84,10 +98,12 @@ class HitPoints:
         self._spare_key: dict[int, tuple[int, int, int]] = {}
         self.by_recency = SortedList()  # Point.recency
         self.by_density = SortedList()  # (density, slot)
-        self._chunk_gap: dict[int, int] = {}
+        #: spare-capable chunk -> [smallest gap of the counted non-checkpoints needing it,
+        #: how many of them have it]
+        self._chunk_gap: dict[int, list[int]] = {}
         self._stale: set[int] = set()  # points whose density / gap must be recomputed
-        self._churn = 0  # point changes since the last full refresh
         self._recheck: set[int] = set()  # slots whose hit point must be recomputed
+        self._arrived: set[int] = set()  # slots to sync with the pools once points settle
         self.rebuild()
         index.subscribe(self)
 
@@ -130,13 +146,11 @@ class HitPoints:
     def settle(self, *, full: bool = False) -> None:
         """Bring the lazy values (densities, gaps, the spare pool) up to date.
 
-        ``full``: recompute them for every hit point; otherwise for stale ones, and
-        for all once the point changes since the last full refresh exceed half of them.
+        ``full``: recompute them for every hit point; otherwise for the stale ones.
         """
         self._settle_points()
-        if full or self._churn > max(64, len(self.points) // 2):
+        if full:
             self._stale.update(self.points)
-            self._churn = 0
         if not self._stale:
             return
         stale, self._stale = self._stale, set()
@@ -147,16 +161,24 @@ class HitPoints:
             if pt.firm:
                 self._set_density(p, pt, self._density(p, pt))
                 continue
-            pt.gap = self._gap(p)
+            gap = self._gap(p)
+            if pt.counted:
+                if gap == pt.gap:
+                    continue
+                pt.counted = False
+                for n in pt.needs:
+                    self._gap_out(n, pt.gap)
+            pt.gap, pt.counted = gap, True
             for n in pt.needs:
-                self._update_chunk_gap(n)
+                self._gap_in(n, gap)
 
     # ------------------------------------------------------------------ building
     def rebuild(self) -> None:
         """Recompute everything from the index (at start, or after ``clear``)."""
         for part in (self.rooted, self.points, self.refs, self.below, self.needed_by,
                      self.dead, self._dead_key, self.spare, self._spare_key, self.by_recency,
-                     self.by_density, self._chunk_gap, self._stale, self._recheck):
+                     self.by_density, self._chunk_gap, self._stale, self._recheck,
+                     self._arrived):
             part.clear()
         ix = self.index
         present = list(ix._slot.values())
@@ -172,46 +194,40 @@ class HitPoints:
 
     # ------------------------------------------------------------------ arrival / departure
     def _arrive(self, slot: int) -> None:
-        """``slot`` became known (pending) or stored (new, or its reservation completed)."""
-        self._settle_points()
-        ix = self.index
-        if ix._group[slot] in self._full and slot not in self.rooted and self._root_one(slot):
+        """``slot`` became known (pending) or stored (new, or its reservation completed).
+
+        Rootedness is updated at once; the hit points around it are recomputed at the
+        next ``_settle_points`` (so a burst of arrivals recomputes each point once).
+        """
+        if self.index._group[slot] in self._full and slot not in self.rooted \
+                and self._root_one(slot):
             self._root_down(slot)
         self._recheck_around(slot)
-        self._settle_points()
-        pt = self.points.get(slot)
-        if pt is not None:  # created / facts may have changed with the reservation
-            self._set_recency(slot, pt)
-            self._stale.add(slot)
-        if ix._flags[slot] & _STORED:
-            if self.is_live(slot):
-                self._dead_drop(slot)
-            else:
-                self._dead_add(slot)
-            self._spare_sync(slot)
+        self._arrived.add(slot)
 
     def _leave(self, slot: int) -> None:
         """``slot`` is about to be forgotten: drop now whatever refers to it.
 
-        The hit points that needed it are dropped at once (their slots stay valid)
-        and recomputed once the slot is gone (at the next change or ``settle``).
+        A departure never creates a hit point, it only ends those that needed the
+        chunk: the point at it, the points that load it, and every point of a
+        full-attention subtree it was the root of. They are dropped at once, while
+        their slots are still valid.
         """
         self._settle_points()
         ix = self.index
-        gone = [slot]
+        affected = set(self.needed_by.get(slot, ()))
+        if slot in self.points:
+            affected.add(slot)
         if slot in self.rooted:
-            for s in self._subtree(slot):  # no longer rooted once ``slot`` leaves
-                self.rooted.discard(s)
-                gone.append(s)
-        self.rooted.discard(slot)
-        affected: set[int] = set()
-        for s in gone:
-            b = self._backbone_at(s)
+            self.rooted.discard(slot)
+            b = self._backbone_at(slot)
             if b is not None:
                 affected.add(b)
-        if ix._group[slot] in self._reach:
-            affected |= self._window_points(slot)
-        affected |= self.needed_by.get(slot, set())
+            for s in self._subtree(slot):  # no longer rooted once ``slot`` leaves
+                self.rooted.discard(s)
+                b = self._backbone_at(s)
+                if b is not None:
+                    affected.add(b)
         for b in affected:
             self._drop_point(b)
         self._dead_drop(slot)
@@ -219,21 +235,35 @@ class HitPoints:
         for part in (self._chunk_gap, self.refs, self.below, self.needed_by):
             part.pop(slot, None)
         self._stale.discard(slot)
-        affected.discard(slot)
-        self._recheck |= affected
-        self._recheck.discard(slot)
+        self._arrived.discard(slot)
+        del ix
 
     def _settle_points(self) -> None:
-        """Recompute the hit points queued by arrivals and departures."""
-        if not self._recheck:
-            return
-        todo, self._recheck = self._recheck, set()
-        ix = self.index
-        for b in todo:
-            if ix._keys[b] is None or ix._group[b] != self.bb:
-                self._drop_point(b)
-            else:
-                self._compute_point(b)
+        """Recompute the hit points queued by arrivals and departures, then sync the pools."""
+        if self._recheck:
+            todo, self._recheck = self._recheck, set()
+            ix = self.index
+            for b in todo:
+                if ix._keys[b] is None or ix._group[b] != self.bb:
+                    self._drop_point(b)
+                else:
+                    self._compute_point(b)
+        if self._arrived:
+            arrived, self._arrived = self._arrived, set()
+            flags = self.index._flags
+            for slot in arrived:
+                if not flags[slot]:
+                    continue  # gone again
+                pt = self.points.get(slot)
+                if pt is not None:  # created / facts may have changed with the reservation
+                    self._set_recency(slot, pt)
+                    self._stale.add(slot)
+                if flags[slot] & _STORED:
+                    if self.is_live(slot):
+                        self._dead_drop(slot)
+                    else:
+                        self._dead_add(slot)
+                    self._spare_sync(slot)
 
     # ------------------------------------------------------------------ points
     def _compute_point(self, b: int) -> None:
@@ -252,7 +282,6 @@ class HitPoints:
             self._drop_point(b)
         pt = Point(needs=needs, firm=firm)
         self.points[b] = pt
-        self._churn += 1
         self._count_up(pt, b, +1)
         for n in needs:
             self._ref(n, +1)
@@ -268,7 +297,6 @@ class HitPoints:
         pt = self.points.pop(b, None)
         if pt is None:
             return
-        self._churn += 1
         self.by_recency.discard(pt.recency)
         self.by_density.discard((pt.density, b))
         self._stale.discard(b)
@@ -280,7 +308,9 @@ class HitPoints:
                 if not users:
                     del self.needed_by[n]
             self._ref(n, -1)
-            self._update_chunk_gap(n)
+            if pt.counted:
+                self._gap_out(n, pt.gap)
+            self._spare_sync(n)  # liveness may have changed too
         self._stale_chain(b)
         if pt.firm:
             self._stale_up(b)
@@ -291,17 +321,21 @@ class HitPoints:
         position = ix._position[b]
         needs: list[int] = []
         slot_of = ix._slot.get
-        for g in self._others:
-            s = slot_of(make_key(h, g.index))
+        for g, suffix, kind in self._other_keys:
+            s = slot_of(h + suffix)
             if s is None:
                 return None
-            if g.kind is GroupKind.FULL:
+            if kind is GroupKind.FULL:
                 if s not in self.rooted:
                     return None
                 needs.append(s)
-            elif g.kind is GroupKind.SLIDING:
+            elif kind is GroupKind.SLIDING:
                 cur = s
-                for _ in range(load_window_chunks(g, position) or 1):
+                c = g.chunk_tokens
+                n = self._window_n.get((g.index, position % c))
+                if n is None:
+                    n = self._window_n[(g.index, position % c)] = load_window_chunks(g, position) or 1
+                for _ in range(n):
                     if cur == -1:
                         return None
                     needs.append(cur)
@@ -361,8 +395,9 @@ class HitPoints:
             self.refs[slot] = after
         else:
             self.refs.pop(slot, None)
-        for p in self.needed_by.get(slot, ()):
-            self._stale.add(p)
+        users = self.needed_by.get(slot, ())
+        if len(users) < SHARED:  # a widely shared chunk: each share moves by < 1/SHARED
+            self._stale.update(users)
         if ix._group[slot] in self._full:
             return  # liveness of a full-attention chunk follows ``below``
         if (before == 0) != (after == 0) and ix._flags[slot] & _STORED:
@@ -403,7 +438,7 @@ class HitPoints:
         ix = self.index
         if ix._group[slot] == self.bb:
             return slot
-        return ix._slot.get(make_key(key_hash(ix._keys[slot]), self.bb))
+        return ix._slot.get(key_hash(ix._keys[slot]) + self._bb_suffix)
 
     def _window_points(self, slot: int) -> set[int]:
         """Backbone slots whose window in ``slot``'s (sliding) group may include it."""
@@ -443,9 +478,11 @@ class HitPoints:
                     break
             s = ix._parent[s]
         # the points below whose density stops at b
+        budget = WALK_LIMIT
         for c in self.index.child_slots(b):
             stack = [c]
-            while stack:
+            while stack and budget > 0:
+                budget -= 1
                 s = stack.pop()
                 pt = self.points.get(s)
                 if pt is not None:
@@ -465,20 +502,23 @@ class HitPoints:
         points, parent = self.points, ix._parent
         seen: set[int] = set()
         s = b
+        shared = self.below
         while s != -1:
             seen.add(s)
             pt = points.get(s)
             if pt is not None:
                 self._stale.add(s)
-            if pt is None or not pt.firm or s == b:
+            if (pt is None or not pt.firm) and shared.get(s, 0) < SHARED:
                 stack = [c for c in ix.child_slots(s) if c not in seen]
-                while stack:
+                budget = WALK_LIMIT
+                while stack and budget > 0:
+                    budget -= 1
                     c = stack.pop()
                     seen.add(c)
-                    below = points.get(c)
-                    if below is not None:
+                    under = points.get(c)
+                    if under is not None:
                         self._stale.add(c)
-                        if below.firm:
+                        if under.firm:
                             continue
                     stack.extend(x for x in ix.child_slots(c) if x not in seen)
             s = parent[s]
@@ -507,33 +547,53 @@ class HitPoints:
         ix = self.index
         position, points = ix._position, self.points
         best, best_pos = -1, FAR
-        stack = list(ix.child_slots(b))
-        while stack:
-            s = stack.pop()
-            if position[s] >= best_pos:
-                continue
-            pt = points.get(s)
-            if pt is not None and pt.firm:
-                best, best_pos = s, position[s]
-                continue
-            stack.extend(ix.child_slots(s))
+        level = list(ix.child_slots(b))
+        budget = WALK_LIMIT
+        while level and best == -1 and budget > 0:  # level by level: shallowest first
+            nxt = []
+            for s in level:
+                budget -= 1
+                pt = points.get(s)
+                if pt is not None and pt.firm:
+                    if position[s] < best_pos:
+                        best, best_pos = s, position[s]
+                    continue
+                nxt.extend(ix.child_slots(s))
+            level = nxt
         if best == -1 or ix._last_hit[best] > ix._created[b]:
             return FAR
         return best_pos - position[b]
 
-    def _update_chunk_gap(self, slot: int) -> None:
-        """A spare chunk's gap: the smallest over the non-checkpoints that need it."""
-        gap = FAR
-        found = False
+    def _gap_in(self, slot: int, gap: int) -> None:
+        """A non-checkpoint needing ``slot`` counts with ``gap``: keep the minimum."""
+        cur = self._chunk_gap.get(slot)
+        if cur is None or gap < cur[0]:
+            self._chunk_gap[slot] = [gap, 1]
+            self._spare_sync(slot)
+        elif gap == cur[0]:
+            cur[1] += 1
+
+    def _gap_out(self, slot: int, gap: int) -> None:
+        """A non-checkpoint with ``gap`` stops counting for ``slot``."""
+        cur = self._chunk_gap.get(slot)
+        if cur is None or gap != cur[0]:
+            return
+        cur[1] -= 1
+        if cur[1] > 0:
+            return
+        best, count = FAR, 0
+        points = self.points
         for p in self.needed_by.get(slot, ()):
-            pt = self.points[p]
-            if not pt.firm:
-                found = True
-                gap = min(gap, pt.gap)
-        if found:
-            self._chunk_gap[slot] = gap
+            pt = points[p]
+            if pt.counted and not pt.firm:
+                if pt.gap < best:
+                    best, count = pt.gap, 1
+                elif pt.gap == best:
+                    count += 1
+        if count:
+            self._chunk_gap[slot] = [best, count]
         else:
-            self._chunk_gap.pop(slot, None)
+            del self._chunk_gap[slot]
         self._spare_sync(slot)
 
     # ------------------------------------------------------------------ pools
@@ -550,14 +610,19 @@ class HitPoints:
 
     def _spare_sync(self, slot: int) -> None:
         ix = self.index
-        self._spare_drop(slot)
         flags = ix._flags[slot]
-        if not flags & _STORED or not flags & _SPARE or not self.is_live(slot):
-            return
-        gap = self._chunk_gap.get(slot, FAR)
-        if gap <= self.near:
+        cur = self._chunk_gap.get(slot)
+        gap = FAR if cur is None else cur[0]
+        if (not flags & _STORED or not flags & _SPARE or gap <= self.near
+                or not self.is_live(slot)):
+            self._spare_drop(slot)
             return
         key = (-gap, ix._last_access[slot], slot)
+        old = self._spare_key.get(slot)
+        if old == key:
+            return
+        if old is not None:
+            self.spare.discard(old)
         self._spare_key[slot] = key
         self.spare.add(key)
 
