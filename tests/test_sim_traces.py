@@ -93,6 +93,45 @@ def test_full_scale_is_3_to_5_times_quick(quick, name):
     assert 3 * len(quick[name].requests) <= len(full.requests) <= 5 * len(quick[name].requests)
 
 
+@pytest.fixture(scope="module")
+def large_chat() -> Trace:
+    return make_trace("multi_turn", scale="large")
+
+
+def test_large_multi_turn_is_production_sized(large_chat):
+    s = prefix_stats(large_chat)
+    assert 11_000 <= s["requests"] <= 13_000
+    assert 130e6 <= s["prompt_tokens"] <= 160e6  # ~12K tokens per prompt, like Mooncake's
+    assert s["reused_fraction"] > 0.8  # each turn resends the conversation so far
+    times = [r.timestamp for r in large_chat.requests]
+    assert times == sorted(times)
+
+
+def test_large_scale_is_deterministic(large_chat):
+    again = make_trace("multi_turn", scale="large")
+    assert again == large_chat
+    assert make_trace("multi_turn", scale="large", seed=1).requests[:50] != large_chat.requests[:50]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_large_scale_of_every_generator(name):
+    trace = make_trace(name, scale="large")
+    assert 10_000 <= len(trace.requests) <= 14_000
+    check_prefix_ids(trace)
+
+
+def test_extending_a_hashed_prompt_gives_the_ids_of_hashing_it_whole():
+    # the builder resumes from a prompt hashed before; the ids must not depend on it
+    from hybridkv.sim.traces import _Builder
+
+    b = _Builder(64, seed=0)
+    segs = [b.fresh(n) for n in (100, 64, 37, 300, 1, 128)]
+    resumed = [b.hash_ids(segs[:k]) for k in range(1, len(segs) + 1)]  # each from the last
+    b._hashed.clear()
+    assert [b.hash_ids(segs[:k]) for k in range(len(segs), 0, -1)] == resumed[::-1]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_deterministic_per_seed(quick, name):
     assert make_trace(name) == quick[name]

@@ -130,7 +130,17 @@ class ReferencePolicy(CapacityPolicy):
         self._nu: dict[bytes, int] = {}
         self._total = 0
         self._fen = _Fenwick(n)
-        self._heap: list[tuple[int, bytes]] = []
+        self._heap: list[tuple[int, int, bytes]] = []
+        # ties between equal next uses: deeper chunks first, then by group and by the first
+        # request that has the chunk (never by key bytes, so the result does not depend on
+        # how the trace's blocks were cut)
+        groups_n = len(groups)
+        self._tie: dict[bytes, int] = {}
+        for r, keys in enumerate(self._rkeys):
+            for gi, gk in enumerate(keys):
+                for i, k in enumerate(gk):
+                    if k not in self._tie:
+                        self._tie[k] = -((i * groups_n + gi) * (n + 1) + (n - r))
 
     def _needs_at(self, r: int, level: int) -> frozenset[bytes]:
         """What request ``r``'s hit of ``level`` chunks loads."""
@@ -222,7 +232,7 @@ class ReferencePolicy(CapacityPolicy):
         self._nu[k] = nu
         self._total += size
         self._fen.add(nu, size)
-        heapq.heappush(self._heap, (-nu, k))
+        heapq.heappush(self._heap, (-nu, self._tie[k], k))
 
     def _drop(self, k: bytes) -> None:
         size = self._size.pop(k)
@@ -237,7 +247,7 @@ class ReferencePolicy(CapacityPolicy):
             self._fen.add(old, -size)
             self._fen.add(nu, size)
             self._nu[k] = nu
-            heapq.heappush(self._heap, (-nu, k))
+            heapq.heappush(self._heap, (-nu, self._tie[k], k))
 
     def _kill(self, r: int) -> None:
         """Demand ``r`` no longer counts (served, or no hit of it can be there)."""
@@ -263,13 +273,13 @@ class ReferencePolicy(CapacityPolicy):
         self._sync(index)
         verdict = {c.key: Admission.REJECT for c in batch}
         size = {c.key: c.size for c in batch}
-        todo: list[tuple[int, bytes]] = []
+        todo: list[tuple[int, int, bytes]] = []
         for c in batch:
             t = self._next_use(c.key)
             if t < self._never:
-                todo.append((t, c.key))
+                todo.append((t, self._tie[c.key], c.key))
         if self.budget is None:
-            for _, k in todo:
+            for _, _, k in todo:
                 verdict[k] = Admission.ADMIT
             return [verdict[c.key] for c in batch]
         heapq.heapify(todo)
@@ -284,7 +294,7 @@ class ReferencePolicy(CapacityPolicy):
         decided: set[bytes] = set()
         tried: set[int] = set()  # demands weighed already (each once)
         while todo:
-            t, k = heapq.heappop(todo)
+            t, _, k = heapq.heappop(todo)
             if k in decided or t in tried:
                 continue
             tried.add(t)
@@ -309,7 +319,7 @@ class ReferencePolicy(CapacityPolicy):
             for m in members:
                 later = self._next_use(m, after=t)
                 if later < self._never:
-                    heapq.heappush(todo, (later, m))
+                    heapq.heappush(todo, (later, self._tie[m], m))
                 else:
                     decided.add(m)
         return [verdict[c.key] for c in batch]
@@ -318,12 +328,12 @@ class ReferencePolicy(CapacityPolicy):
                 expendable: int = 0) -> list[bytes]:
         self._sync(index)
         chosen: list[bytes] = []
-        held: list[tuple[int, bytes]] = []
+        held: list[tuple[int, int, bytes]] = []
         freed = 0
         heap = self._heap
         while freed < needed and heap:
             item = heapq.heappop(heap)
-            neg, k = item
+            neg, _, k = item
             if self._nu.get(k) != -neg:
                 continue  # stale: dropped, or its next use changed (a newer item exists)
             entry = index.get(k)
@@ -337,6 +347,6 @@ class ReferencePolicy(CapacityPolicy):
         for item in held:
             heapq.heappush(heap, item)
         if len(heap) > 4 * len(self._nu) + 1024:
-            self._heap = [(-t, k) for k, t in self._nu.items()]
+            self._heap = [(-t, self._tie[k], k) for k, t in self._nu.items()]
             heapq.heapify(self._heap)
         return chosen

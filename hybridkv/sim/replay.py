@@ -17,21 +17,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import msgspec
+import xxhash
 
 from hybridkv.capacity import DEFAULT_HEADROOM, Capacity
-from hybridkv.groups import GroupKind
-from hybridkv.hit_rule import load_window_chunks, servable_tokens
+from hybridkv.hit_rule import servable_tokens
 from hybridkv.index import ChunkIndex
-from hybridkv.keys import make_key
+from hybridkv.keys import key_group, make_key
 from hybridkv.policies import make_policy
 from hybridkv.policies.base import Candidate, RequestView
 from hybridkv.sim.layouts import SimModel
+from hybridkv.sim.reference import ReferencePolicy, hit_keys
 from hybridkv.sim.traces import Request, Trace
 
-__all__ = ["GroupStats", "SimResult", "replay", "request_keys", "working_set_bytes"]
+__all__ = ["GroupStats", "SimResult", "REFERENCE", "UNBOUNDED", "replay", "request_keys",
+           "working_set_bytes"]
 
 #: pseudo-policy: no budget, store everything (the upper bound)
 UNBOUNDED = "unbounded"
+#: the offline policy that knows the whole trace (``hybridkv.sim.reference``)
+REFERENCE = "reference"
 
 
 class GroupStats(msgspec.Struct, kw_only=True):
@@ -70,18 +74,34 @@ class SimResult(msgspec.Struct, kw_only=True):
 
 
 def request_keys(req: Request, model: SimModel, block_tokens: int) -> list[list[bytes]]:
-    """Per group (in layout order), the chunk keys of the request's complete chunks."""
+    """Per group (in layout order), the chunk keys of the request's complete chunks.
+
+    A key names the chunk's whole prefix. Blocks that divide the chunk: the id of the
+    chunk's last block. Blocks a multiple of the chunk: xxh3 of the id of the block
+    holding the chunk and the chunk's index inside it (equal exactly when the prefixes
+    are, as block ids are); a partial last block gives only its complete chunks.
+    """
     out = []
     for g in model.layout.groups:
-        per = g.chunk_tokens // block_tokens
-        if per * block_tokens != g.chunk_tokens:
-            raise ValueError(f"chunk of {g.chunk_tokens} tokens is not a multiple of the "
-                             f"trace's {block_tokens}-token blocks")
-        n = req.input_length // g.chunk_tokens
-        # a prefix id names the whole prefix: the chunk's last block id is its hash
-        out.append([make_key(req.hash_ids[(i + 1) * per - 1].to_bytes(8, "big"), g.index)
-                    for i in range(n)])
+        c = g.chunk_tokens
+        n = req.input_length // c
+        if c % block_tokens == 0:
+            per = c // block_tokens
+            # a prefix id names the whole prefix: the chunk's last block id is its hash
+            hashes = [req.hash_ids[(i + 1) * per - 1].to_bytes(8, "big") for i in range(n)]
+        elif block_tokens % c == 0:
+            per = block_tokens // c
+            hashes = [_sub_block_hash(req.hash_ids[i // per], i % per) for i in range(n)]
+        else:
+            raise ValueError(f"{block_tokens}-token blocks neither divide nor are a multiple "
+                             f"of group {g.index}'s {c}-token chunks")
+        out.append([make_key(h, g.index) for h in hashes])
     return out
+
+
+def _sub_block_hash(block_id: int, i: int) -> bytes:
+    """The hash of the ``i``-th chunk inside the block ``block_id`` (8 bytes)."""
+    return xxhash.xxh3_64_digest(block_id.to_bytes(8, "big") + i.to_bytes(4, "big"))
 
 
 def working_set_bytes(trace: Trace, model: SimModel) -> int:
@@ -117,32 +137,41 @@ def replay(trace: Trace, model: SimModel, policy: str, budget: int | None, *,
     started = time.perf_counter()
     layout = model.layout
     index = ChunkIndex()
-    pol = make_policy("lru" if policy == UNBOUNDED else policy, layout, cost=model.cost,
-                      checkpoint_interval=checkpoint_interval, alpha=alpha)
+    all_keys = None
+    if policy == REFERENCE:
+        # it knows every request; it frees exactly what it needs (headroom only amortises
+        # the search cost of the online policies)
+        all_keys = [request_keys(r, model, trace.block_tokens) for r in trace.requests]
+        pol = ReferencePolicy(layout, all_keys, [r.input_length for r in trace.requests],
+                              budget)
+        headroom = 0.0
+    else:
+        pol = make_policy("lru" if policy == UNBOUNDED else policy, layout, cost=model.cost,
+                          checkpoint_interval=checkpoint_interval, alpha=alpha)
     cap = Capacity(index, pol, None if policy == UNBOUNDED else budget, headroom=headroom)
     stats = {g.index: GroupStats() for g in layout.groups}
     groups = layout.groups
     hit_tokens = prompt_tokens = rejected = skipped = peak = 0
     flops_total = flops_saved = 0.0
     for n, req in enumerate(trace.requests):
-        keys = request_keys(req, model, trace.block_tokens)
+        if all_keys is not None:
+            pol.advance(n)
+            keys = all_keys[n]
+        else:
+            keys = request_keys(req, model, trace.block_tokens)
         by_group = {g.index: k for g, k in zip(groups, keys)}
         hit = servable_tokens(groups, lambda g, i: by_group[g][i] in index, req.input_length)
-        hit_keys: list[bytes] = []
-        for g, gkeys in zip(groups, keys):
-            c = g.chunk_tokens
-            end = -(-hit // c)
-            window = load_window_chunks(g, hit) if hit else 0
-            loaded = gkeys[:end] if g.kind is GroupKind.FULL else gkeys[max(0, end - window):end]
-            for k in loaded:
-                entry = index.get(k)
-                if check:
-                    assert entry is not None, "a reported hit needs a chunk that is not stored"
-                stats[g.index].chunks_read += 1
-                stats[g.index].bytes_read += entry.size
-            hit_keys += loaded
-        if hit_keys:
-            pol.on_load(hit_keys, index)
+        loaded = hit_keys(groups, keys, hit)
+        for k in loaded:
+            entry = index.get(k)
+            if check:
+                assert entry is not None, "a reported hit needs a chunk that is not stored"
+            g = stats[key_group(k)]
+            g.chunks_read += 1
+            g.bytes_read += entry.size
+        if loaded:  # a simulated read completes at once
+            cap.load(loaded)
+            cap.load_done(loaded)
         prompt_tokens += req.input_length
         hit_tokens += hit
         flops_total += model.cost.prefill_flops(req.input_length)
@@ -157,7 +186,7 @@ def replay(trace: Trace, model: SimModel, policy: str, budget: int | None, *,
                     batch.append(Candidate(k, g.index, (i + 1) * g.chunk_tokens, g.chunk_bytes,
                                            gkeys[i - 1] if i else None))
         rid = f"r{n}"
-        plan = cap.plan_store(batch, RequestView(rid, positions, req.input_length))
+        plan = cap.offer(batch, RequestView(rid, positions, req.input_length))
         rejected += len(plan.rejected)
         skipped += len(plan.skipped)
         evicted = list(plan.evicted)
@@ -170,7 +199,7 @@ def replay(trace: Trace, model: SimModel, policy: str, budget: int | None, *,
         cap.request_finished(rid)
         evicted += cap.enforce()
         for k in evicted:
-            stats[int.from_bytes(k[-4:], "big")].chunks_evicted += 1
+            stats[key_group(k)].chunks_evicted += 1
         if check and cap.budget is not None:
             assert index.bytes_used <= cap.budget, "budget exceeded"
     return SimResult(

@@ -39,6 +39,7 @@ __all__ = [
     "agentic_branching",
     "long_document_qa",
     "GENERATORS",
+    "SCALES",
     "make_trace",
     "save_jsonl",
     "load_jsonl",
@@ -80,6 +81,8 @@ class _Builder:
         self.rng = np.random.default_rng(seed)
         self._block_ids: dict[tuple, int] = {}
         self._segments = 0
+        #: prompt (segments) -> (ids of its full blocks, last full id, partial block, fill)
+        self._hashed: dict[tuple[Segment, ...], tuple] = {}
         self._requests: list[tuple[int, int, Request]] = []  # (ms, creation order, request)
 
     def length(self, bounds: Range) -> int:
@@ -98,12 +101,24 @@ class _Builder:
         return np.cumsum(self.rng.exponential(1.0 / rate, n))
 
     def hash_ids(self, prompt: Sequence[Segment]) -> tuple[int, ...]:
-        """Block ids of a prompt: one id per distinct (parent id, block content)."""
+        """Block ids of a prompt: one id per distinct (parent id, block content).
+
+        A prompt that extends one hashed before by up to three segments (a chat's next
+        turn, an agent's next step) resumes from that prompt's state, so a long
+        conversation costs time linear, not quadratic, in its length.
+        """
         ids: list[int] = []
         parent = -1
         content: list[tuple[int, int, int]] = []  # (segment, start, end) slices of the block
         fill = 0
-        for segment, tokens in prompt:
+        first = 0
+        for j in range(len(prompt) - 1, max(0, len(prompt) - 4), -1):
+            state = self._hashed.get(tuple(prompt[:j]))
+            if state is not None:
+                done, parent, partial, fill = state
+                ids, content, first = list(done), list(partial), j
+                break
+        for segment, tokens in prompt[first:]:
             start = 0
             while start < tokens:
                 take = min(tokens - start, self.block_tokens - fill)
@@ -114,6 +129,7 @@ class _Builder:
                     parent = self._intern(parent, content)
                     ids.append(parent)
                     content, fill = [], 0
+        self._hashed[tuple(prompt)] = (tuple(ids), parent, tuple(content), fill)
         if content:
             ids.append(self._intern(parent, content))
         return tuple(ids)
@@ -277,28 +293,39 @@ GENERATORS: dict[str, Callable[..., Trace]] = {
 
 # Shorter than long_document_qa's default 4k-16k documents, to keep "quick" under 1M tokens.
 _SHORT_DOCUMENTS = {"document_tokens": (3000, 6000)}
-#: Generator arguments per trace and scale: "quick" is 150-300 requests, "full" about 4x.
+#: "large": about 12K requests each, production-like lengths; multi_turn is shaped like
+#: Mooncake's conversation trace (~145M prompt tokens, ~12K tokens per prompt)
+_LARGE_CHAT = {"conversations": 800, "turns": (4, 26), "system_prompts": 16,
+               "system_tokens": (1000, 4000), "user_tokens": (150, 1200),
+               "output_tokens": (100, 600), "arrival_rate": 0.5}
+#: Generator arguments per trace and scale: "quick" is 150-300 requests, "full" about 4x,
+#: "large" about 12K requests.
 _SCALES: dict[str, dict[str, dict]] = {
-    "multi_turn": {"quick": {"conversations": 32}, "full": {"conversations": 128}},
-    "shared_system": {"quick": {"users": 200}, "full": {"users": 800}},
-    "agentic": {"quick": {"trees": 16}, "full": {"trees": 64}},
+    "multi_turn": {"quick": {"conversations": 32}, "full": {"conversations": 128},
+                   "large": _LARGE_CHAT},
+    "shared_system": {"quick": {"users": 200}, "full": {"users": 800},
+                      "large": {"users": 12000, "system_prompts": 24}},
+    "agentic": {"quick": {"trees": 16}, "full": {"trees": 64}, "large": {"trees": 800}},
     "document_qa": {
         "quick": {"documents": 8, **_SHORT_DOCUMENTS},
         "full": {"documents": 32, **_SHORT_DOCUMENTS},
+        "large": {"documents": 480},
     },
 }
+SCALES = ("quick", "full", "large")
 
 
 def make_trace(name: str, *, scale: str = "quick", seed: int = 0, block_tokens: int = 64) -> Trace:
     """A named synthetic trace.
 
     ``scale`` "quick" gives 150-300 requests and well under 1.5M prompt tokens;
-    "full" about 4 times as many.
+    "full" about 4 times as many; "large" about 12K requests (multi_turn: about
+    145M prompt tokens; generated in seconds).
     """
     if name not in GENERATORS:
         raise ValueError(f"unknown trace {name!r}; valid names: {', '.join(GENERATORS)}")
-    if scale not in ("quick", "full"):
-        raise ValueError(f"unknown scale {scale!r}; valid scales: quick, full")
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
     return GENERATORS[name](**_SCALES[name][scale], block_tokens=block_tokens, seed=seed)
 
 
