@@ -3,8 +3,9 @@
 Layout (struct of arrays): every chunk the index knows, stored or being stored
 (*pending*), owns a *slot*; ``_slot`` maps its key to the slot and each field is
 one ``array.array`` column indexed by slot (group, position, size, parent slot,
-first child / next sibling links, three logical clocks, file mtime, pins,
-flags). Columns grow by doubling and freed slots are reused, so a million
+first child / next sibling links, two logical clocks, file mtime, flags);
+facts few chunks have (pins of loads in flight, when a hit last ended
+there) live in small dicts. Columns grow by doubling and freed slots are reused, so a million
 chunks cost one key object, one dict entry, one int and ~45 bytes of columns
 each (``benchmarks/index_scale.py`` measures it). ``get`` returns a light
 ``ChunkEntry`` view over one slot; policies that need speed read the columns.
@@ -72,8 +73,8 @@ class ChunkEntry:
     size = property(lambda self: self._ix._size[self.slot])
     last_access = property(lambda self: self._ix._last_access[self.slot])
     created = property(lambda self: self._ix._created[self.slot])
-    last_hit = property(lambda self: self._ix._last_hit[self.slot])
-    pins = property(lambda self: self._ix._pins[self.slot])
+    last_hit = property(lambda self: self._ix._last_hit.get(self.slot, 0))
+    pins = property(lambda self: self._ix._pins.get(self.slot, 0))
     mtime_ns = property(lambda self: self._ix._mtime[self.slot])
     spare = property(lambda self: bool(self._ix._flags[self.slot] & _SPARE))
     stored = property(lambda self: bool(self._ix._flags[self.slot] & _STORED))
@@ -105,9 +106,10 @@ class ChunkIndex:
         self._sibling = array("i", [_NONE]) * n
         self._last_access = array("I", bytes(4 * n))
         self._created = array("I", bytes(4 * n))
-        self._last_hit = array("I", bytes(4 * n))
         self._mtime = array("q", bytes(8 * n))
-        self._pins = array("H", bytes(2 * n))
+        #: rare per-chunk facts, off the columns: loads in flight, when a hit last ended here
+        self._pins: dict[int, int] = {}
+        self._last_hit: dict[int, int] = {}
         self._flags = bytearray(n)
         self._free = array("i", range(n - 1, -1, -1))  # free slots, next last
         #: parent key -> slots of present children waiting for it; child slot -> that key
@@ -269,7 +271,7 @@ class ChunkIndex:
                                   flags=_STORED | (_SPARE if spare else 0))
         self._last_access[slot] = now if last_access is None else last_access
         self._created[slot] = now
-        self._last_hit[slot] = 0
+        self._last_hit.pop(slot, None)
         self._mtime[slot] = mtime_ns
         self._stored += 1
         self.bytes_stored += size
@@ -309,12 +311,16 @@ class ChunkIndex:
     def pin(self, key: bytes) -> None:
         slot = self._slot.get(key)
         if slot is not None and self._flags[slot] & _STORED:
-            self._pins[slot] += 1
+            self._pins[slot] = self._pins.get(slot, 0) + 1
 
     def unpin(self, key: bytes) -> None:
         slot = self._slot.get(key)
-        if slot is not None and self._flags[slot] & _STORED and self._pins[slot] > 0:
-            self._pins[slot] -= 1
+        pins = self._pins.get(slot) if slot is not None else None
+        if pins is not None and self._flags[slot] & _STORED:
+            if pins > 1:
+                self._pins[slot] = pins - 1
+            else:
+                del self._pins[slot]
 
     def clear(self) -> None:
         listeners = self._listeners
@@ -401,8 +407,7 @@ class ChunkIndex:
         self._position[slot] = position
         self._size[slot] = size
         self._flags[slot] = flags
-        self._pins[slot] = 0
-        self._last_access[slot] = self._created[slot] = self._last_hit[slot] = 0
+        self._last_access[slot] = self._created[slot] = 0
         self._mtime[slot] = 0
         self._link(slot, parent)
         # children that were waiting for this key
@@ -433,7 +438,8 @@ class ChunkIndex:
         del self._slot[key]  # type: ignore[arg-type]
         self._keys[slot] = None
         self._flags[slot] = 0
-        self._pins[slot] = 0
+        self._pins.pop(slot, None)
+        self._last_hit.pop(slot, None)
         self._free.append(slot)
 
     def _link(self, slot: int, parent: bytes | None) -> None:
@@ -477,8 +483,7 @@ class ChunkIndex:
     def _grow(self) -> None:
         n = len(self._flags)
         self._keys.extend([None] * n)
-        for name in ("_group", "_position", "_size", "_last_access", "_created", "_last_hit",
-                     "_mtime", "_pins"):
+        for name in ("_group", "_position", "_size", "_last_access", "_created", "_mtime"):
             col: array = getattr(self, name)
             col.frombytes(bytes(col.itemsize * n))
         for name in ("_parent", "_child", "_sibling"):
@@ -488,13 +493,14 @@ class ChunkIndex:
 
     def _renumber_clocks(self) -> None:
         """Compress the logical clocks to 1..k, keeping their order (and 0 = never)."""
-        cols = [np.frombuffer(c, dtype=np.uint32) for c in
-                (self._last_access, self._created, self._last_hit)]
-        values, inverse = np.unique(np.concatenate(cols), return_inverse=True)
+        cols = [np.frombuffer(c, dtype=np.uint32) for c in (self._last_access, self._created)]
+        hits = np.fromiter(self._last_hit.values(), dtype=np.uint32, count=len(self._last_hit))
+        values, inverse = np.unique(np.concatenate([*cols, hits]), return_inverse=True)
         ranks = np.arange(len(values), dtype=np.uint32) + (0 if values[0] == 0 else 1)
         new = ranks[inverse]
         n = len(cols[0])
-        for i, col in enumerate((self._last_access, self._created, self._last_hit)):
-            col[:] = array("I", new[i * n:(i + 1) * n].tobytes())
+        del cols
+        self._last_access = array("I", new[:n].tobytes())
+        self._created = array("I", new[n:2 * n].tobytes())
+        self._last_hit = dict(zip(self._last_hit, new[2 * n:].tolist()))
         self._clock = int(new.max())
-

@@ -25,7 +25,7 @@ def lru_order(index: ChunkIndex, needed: int, protect: Collection[bytes] = ()) -
         if freed >= needed:
             break
         key = index.key_of(slot)
-        if index._pins[slot] or key in protect:
+        if index._pins.get(slot) or key in protect:
             continue
         victims.append(key)
         freed += index._size[slot]

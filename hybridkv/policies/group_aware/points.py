@@ -348,7 +348,7 @@ class HitPoints:
 
     def _set_recency(self, b: int, pt: Point) -> None:
         ix = self.index
-        rec = (max(ix._last_hit[b], ix._created[b]), ix._position[b], b)
+        rec = (max(ix._last_hit.get(b, 0), ix._created[b]), ix._position[b], b)
         if rec != pt.recency:
             self.by_recency.discard(pt.recency)
             pt.recency = rec
@@ -560,7 +560,7 @@ class HitPoints:
                     continue
                 nxt.extend(ix.child_slots(s))
             level = nxt
-        if best == -1 or ix._last_hit[best] > ix._created[b]:
+        if best == -1 or ix._last_hit.get(best, 0) > ix._created[b]:
             return FAR
         return best_pos - position[b]
 

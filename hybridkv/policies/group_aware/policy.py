@@ -133,7 +133,7 @@ class GroupAwarePolicy(CapacityPolicy):
 
         def take(slot: int) -> None:
             nonlocal freed
-            if slot in taken or not flags[slot] & 1 or pins[slot] or keys[slot] in protect:
+            if slot in taken or not flags[slot] & 1 or slot in pins or keys[slot] in protect:
                 return
             taken.add(slot)
             chosen.append(keys[slot])  # type: ignore[arg-type]
