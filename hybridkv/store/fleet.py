@@ -404,6 +404,10 @@ class FleetMember:
         """A reservation ended (stored, failed or aborted): no longer in flight."""
         self.inflight = max(0, self.inflight - nbytes)
         self._dirty = True
+        if self.inflight == 0 and nbytes > 0:
+            # end of a burst: publish now, or the holder's next sync counts these bytes
+            # twice (listed on disk and still in flight) and evicts for nothing
+            self.publish()
 
     def unblock(self) -> None:
         self._blocked_until = 0.0
