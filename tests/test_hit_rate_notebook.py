@@ -110,8 +110,8 @@ def test_benchmark_tiny(tmp_path, capsys):
     assert {"platform", "python", "cpus"} <= set(saved["machine"])
 
     results = saved["results"]
-    # 3 policies x 4 budgets + unbounded, one trace, one model
-    assert len(results) == 13
+    # (3 policies + reference) x 4 budgets + unbounded, one trace, one model
+    assert len(results) == 17
     for c in results:
         assert CELL_KEYS <= set(c), CELL_KEYS - set(c)
         assert c["trace"] == "multi_turn" and c["model"] == "jamba_mini"
@@ -119,7 +119,7 @@ def test_benchmark_tiny(tmp_path, capsys):
         assert 0.0 <= c["token_hit_rate"] <= 1.0 and 0.0 <= c["flops_saved_fraction"] <= 1.0
         assert sum(c["group_bytes_written"].values()) == c["bytes_written"]
     by = {(c["policy"], c["budget_fraction"]): c for c in results}
-    assert set(by) == ({(p, f) for p in ("group_aware", "lru", "watermark")
+    assert set(by) == ({(p, f) for p in ("group_aware", "lru", "watermark", "reference")
                         for f in (0.1, 0.25, 0.5, 1.0)} | {("unbounded", None)})
     ws = by["unbounded", None]["working_set_bytes"]
     assert by["unbounded", None]["budget_bytes"] is None
@@ -129,29 +129,43 @@ def test_benchmark_tiny(tmp_path, capsys):
 
     # targets are computed from the results of this run
     t = saved["targets"]
-    a = {r["model"]: r for r in t["ratio_at_25pct"]["cells"]}
-    assert a["gemma3_27b"]["measured"] is False and a["gemma3_27b"]["met"] is None
-    j = a["jamba_mini"]
-    assert j["measured"] is True
-    ga, lru = by["group_aware", 0.25]["token_hit_rate"], by["lru", 0.25]["token_hit_rate"]
-    assert j["group_aware"] == ga and j["lru"] == lru
-    if lru > 0:
-        assert j["ratio"] == pytest.approx(ga / lru)
-        assert j["met"] == (ga / lru >= 2.0)
-        assert j["unbounded"] == ub
-        assert j["max_possible_ratio"] == pytest.approx(ub / lru)
-        assert j["ratio"] <= j["max_possible_ratio"]
-    assert t["ratio_at_25pct"]["met"] == j["met"]
+    assert set(t) == {"group_aware_vs_reference_25pct", "group_aware_vs_reference_10pct",
+                      "group_aware_ge_lru"}
+    for f, goal in ((0.25, 0.9), (0.1, 0.8)):
+        a = t[f"group_aware_vs_reference_{round(f * 100)}pct"]
+        ga, ref = by["group_aware", f]["token_hit_rate"], by["reference", f]["token_hit_rate"]
+        assert a["goal"] == goal and len(a["cells"]) == 1
+        assert a["figure"] == pytest.approx(ga / ref) and a["met"] == (ga / ref >= goal)
+        assert a["worst"] == {"trace": "multi_turn", "model": "jamba_mini"}
+        line = f"target group_aware_vs_reference_{round(f * 100)}pct: {ga / ref:.3f} (goal >= {goal})"
+        assert line in printed
     b = t["group_aware_ge_lru"]
     assert b["checked"] == 4
+    margins = {f: by["group_aware", f]["token_hit_rate"] - by["lru", f]["token_hit_rate"]
+               for f in (0.1, 0.25, 0.5, 1.0)}
+    assert b["figure"] == pytest.approx(min(margins.values()))
     expected = sorted(f for f in (0.1, 0.25, 0.5, 1.0)
                       if by["group_aware", f]["hit_tokens"] < by["lru", f]["hit_tokens"])
     assert sorted(v["budget_fraction"] for v in b["violations"]) == expected
-    for v in b["violations"]:
-        assert v["margin"] == pytest.approx(v["group_aware"] - v["lru"]) and v["margin"] < 0
     assert b["met"] == (not expected)
-    assert "target (a)" in printed and "target (b)" in printed
-    assert "jamba_mini @ 25%" in printed
+    assert "target group_aware_ge_lru: " in printed
+
+    # beside the targets: ratios to lru and the reference's strength
+    rows = {r["budget_fraction"]: r for r in saved["ratios_vs_lru"]}
+    assert set(rows) == {0.1, 0.25}
+    lru = by["lru", 0.25]["token_hit_rate"]
+    if lru > 0:
+        assert rows[0.25]["group_aware_over_lru"] == pytest.approx(
+            by["group_aware", 0.25]["token_hit_rate"] / lru)
+        assert rows[0.25]["unbounded_over_lru"] == pytest.approx(ub / lru)
+        assert rows[0.25]["reference_over_lru"] <= rows[0.25]["unbounded_over_lru"] + 1e-12
+    s = saved["reference_strength"]
+    assert s["checked"] == 4
+    below = [f for f in (0.1, 0.25, 0.5, 1.0) if by["reference", f]["hit_tokens"]
+             < max(by[p, f]["hit_tokens"] for p in ("group_aware", "lru", "watermark"))]
+    assert [v["budget_fraction"] for v in s["violations"]] == below
+    assert "check reference_strength: 4 cells" in printed
+    assert "multi_turn x jamba_mini @ 25%" in printed
 
 
 @pytest.mark.fast
@@ -165,10 +179,39 @@ def test_benchmark_trace_file(tmp_path):
                       "--max-requests", "30", "--jobs", "1", "--out", str(out)])
     assert {c["trace"] for c in doc["results"]} == {"agents"}
     assert doc["grid"]["trace_file"] == str(path) and doc["grid"]["block_tokens"] == 32
-    assert doc["targets"]["ratio_at_25pct"]["met"] is None  # multi_turn not measured
     assert doc["targets"]["group_aware_ge_lru"]["checked"] == 4
+    assert len(doc["targets"]["group_aware_vs_reference_25pct"]["cells"]) == 1
+    assert "large_grid_minutes" not in doc["targets"]
     with pytest.raises(SystemExit):
         bench.main(["--trace-file", str(path), "--block-tokens", "100", "--out", str(out)])
+
+
+@pytest.mark.fast
+def test_benchmark_trace_file_with_blocks_larger_than_a_chunk(tmp_path):
+    from hybridkv.sim.traces import make_trace, save_jsonl
+
+    bench = _load_benchmark()
+    path = save_jsonl(make_trace("document_qa", block_tokens=512), tmp_path / "docs.jsonl")
+    doc = bench.main(["--trace-file", str(path), "--block-tokens", "512", "--models",
+                      "jamba_mini", "--max-requests", "30", "--jobs", "1",
+                      "--out", str(tmp_path / "hr.json")])
+    assert doc["grid"]["block_tokens"] == 512
+    assert max(c["token_hit_rate"] for c in doc["results"]) > 0
+
+
+@pytest.mark.fast
+def test_benchmark_large_scale_reports_grid_minutes(tmp_path, capsys):
+    bench = _load_benchmark()
+    doc = bench.main(["--scale", "large", "--models", "qwen3_next_80b", "--max-requests", "25",
+                      "--jobs", "1", "--out", str(tmp_path / "hr.json")])
+    assert doc["grid"]["scale"] == "large" and doc["grid"]["traces"] == ["multi_turn"]
+    g = doc["targets"]["large_grid_minutes"]
+    assert g["how"] == "extrapolated" and g["goal"] == 30
+    per_model = sum(c["wall_s"] for c in doc["results"])
+    assert g["figure"] == pytest.approx(per_model * 3 / 2 / 60)
+    assert "target large_grid_minutes: " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--scale", "full", "--out", str(tmp_path / "x.json")])
 
 
 @pytest.mark.slow
