@@ -163,8 +163,10 @@ class ReferencePolicy(CapacityPolicy):
 
     def _lower(self, r: int, below: int, offered: Collection[bytes] = (),
                fits=None) -> bool:
-        """Aim request ``r`` at its deepest possible hit under ``below`` chunks (that ``fits``);
-        kill its demand if there is none. Returns whether one was found."""
+        """Aim request ``r`` at its deepest possible hit under ``below`` chunks (that ``fits``).
+
+        Without ``fits``, the demand dies when there is none. Returns whether one was found.
+        """
         old = self._active[r]
         for level in range(min(below, self._level[r]) - 1, 0, -1):
             needs = self._needs_at(r, level)
@@ -178,7 +180,17 @@ class ReferencePolicy(CapacityPolicy):
                     if k in self._nu:
                         self._update(k)
                 return True
-        self._kill(r)
+        if fits is None:
+            self._kill(r)
+        return False
+
+    def _last_offer(self, r: int, keys: Collection[bytes]) -> bool:
+        """Is the current request the last to offer one of ``keys`` before request ``r``?"""
+        for k in keys:
+            occ = self._occ[k]
+            i = bisect_right(occ, self._now)
+            if i >= len(occ) or occ[i] >= r:
+                return True
         return False
 
     # ------------------------------------------------------------------ time
@@ -301,14 +313,17 @@ class ReferencePolicy(CapacityPolicy):
             keep = (fixed + self._fen.prefix(t) + own_after[bisect_right(own_nu, t)]
                     + accepted)
 
-            def fits(needs: Collection[bytes]) -> bool:
+            def fits(needs: Collection[bytes], keep: int = keep) -> bool:
                 return keep + sum(size[m] for m in needs
                                   if m in verdict and m not in decided) <= self.budget
 
-            if not fits(self._active[t]):
-                # a shallower hit of the same request may fit (its last window or state
-                # may be stored already)
-                self._lower(t, self._level[t], offered=verdict, fits=fits)
+            members = [m for m in self._active[t] if m in verdict and m not in decided]
+            if not fits(members) and self._last_offer(t, members):
+                # its hit cannot be stored any more; a shallower one may fit into space no
+                # other demand will use (its last window or state may be stored already)
+                free = fixed + self._fen.prefix(self._never - 1) + own_after[0] + accepted
+                self._lower(t, self._level[t], offered=verdict,
+                            fits=lambda needs: fits(needs, free))
             members = [m for m in self._active[t] if m in verdict and m not in decided]
             if self._alive[t] and fits(members):
                 accepted += sum(size[m] for m in members)
