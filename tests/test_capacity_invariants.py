@@ -38,7 +38,9 @@ Runs are deterministic (Hypothesis replays a failure exactly): every file gets
 its own mtime in write order (a restart rebuilds recency from mtimes, which
 tick in jiffies), and every lookup miss re-checks the disk (no timed refresh).
 
-Plain example tests below pin group-aware behaviour down on hand-built cases.
+Hand-built cases live beside this file: ``test_capacity_admission.py``,
+``test_capacity_eviction.py``, ``test_capacity_policies.py``; shared helpers in
+``capacity_helpers.py``.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import xxhash
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -64,40 +65,31 @@ from hypothesis.stateful import (
 )
 from vllm.v1.kv_offload.base import LookupResult, ReqContext
 
-from hybridkv.capacity import Capacity
 from hybridkv.config import HybridKVConfig
-from hybridkv.groups import GroupKind, GroupSpec, HybridLayout
-from hybridkv.hit_rule import load_window_chunks, servable_tokens
+from hybridkv.groups import HybridLayout
+from hybridkv.hit_rule import servable_tokens
 from hybridkv.index import ChunkIndex
 from hybridkv.keys import key_from_hex, key_group, make_key
-from hybridkv.policies import Admission, Candidate, RequestView, make_policy
+from hybridkv.policies import make_policy
 from hybridkv.store.chunk_store import ChunkStore
 from hybridkv.store.format import ChunkMissing
 from hybridkv.store.paths import CHUNK_SUFFIX
 from hybridkv.vllm.manager import HEADER_ALLOWANCE, HybridKVManager
 
+from capacity_helpers import (
+    C,
+    FULL,
+    SLIDING,
+    STATE,
+    align_of,
+    chunk_hash,
+    hit_keys,
+    make_layout,
+    make_manager,
+    request_keys,
+)
+
 pytestmark = pytest.mark.fast
-
-C = 16  # tokens per block = tokens per chunk
-FULL, SLIDING, STATE = GroupKind.FULL, GroupKind.SLIDING, GroupKind.STATE
-
-
-# ---------------------------------------------------------------------- layouts
-def make_layout(kinds: tuple[GroupKind, ...], *, window: int = 40,
-                pages: dict[GroupKind, int] | None = None,
-                layers: dict[GroupKind, int] | None = None) -> HybridLayout:
-    """One group per kind, in order; window 40 tokens = 3 chunks, 32 = 2 chunks."""
-    pages = pages or {FULL: 1024, SLIDING: 1024, STATE: 3072}
-    layers = layers or {FULL: 2, SLIDING: 1, STATE: 1}
-    groups = []
-    for i, kind in enumerate(kinds):
-        groups.append(GroupSpec(
-            index=i, kind=kind, block_tokens=C, chunk_tokens=C,
-            layer_names=tuple(f"{kind.value}.{i}.{j}" for j in range(layers[kind])),
-            page_bytes=pages[kind], dtype="bfloat16",
-            window_tokens=window if kind is SLIDING else None))
-    return HybridLayout(model=f"props-{'-'.join(k.value for k in kinds)}-{window}",
-                        dtype="bfloat16", groups=tuple(groups))
 
 
 LAYOUTS = {
@@ -106,38 +98,6 @@ LAYOUTS = {
     "full+sliding+state": make_layout((FULL, SLIDING, STATE), window=32),
 }
 POLICIES = ("group_aware", "lru", "watermark")
-
-
-# ---------------------------------------------------------------------- requests
-def chunk_hash(prefix: tuple[int, ...]) -> bytes:
-    """The prefix hash at a chunk boundary: a digest of every chunk id up to it."""
-    return xxhash.xxh3_128_digest(repr(tuple(prefix)).encode())
-
-
-def align_of(layout: HybridLayout) -> int | None:
-    """vLLM's Mamba ``align`` cache mode (the one prefix caching and offloading use):
-    with a state group the hit is rounded down to a chunk (``resolve_mamba_align_size``)."""
-    return C if layout.groups_of(STATE) else None
-
-
-def request_keys(layout: HybridLayout, ids: tuple[int, ...]) -> dict[int, list[bytes]]:
-    """group index -> the keys of the request's complete chunks, in prefix order."""
-    return {g.index: [make_key(chunk_hash(ids[:i + 1]), g.index) for i in range(len(ids))]
-            for g in layout.groups}
-
-
-def hit_keys(layout: HybridLayout, keys: dict[int, list[bytes]], hit: int) -> list[bytes]:
-    """What a hit of ``hit`` tokens loads: group by group, each in prefix order."""
-    out: list[bytes] = []
-    if hit <= 0:
-        return out
-    for g in layout.groups:
-        end = -(-hit // g.chunk_tokens)
-        if g.kind is FULL:
-            out += keys[g.index][:end]
-        else:
-            out += keys[g.index][max(0, end - load_window_chunks(g, hit)):end]
-    return out
 
 
 def payload(layout: HybridLayout, key: bytes, seed: int) -> list[np.ndarray]:
@@ -538,203 +498,9 @@ def test_capacity_state_machine(layout_name, policy):
     assert seen.get("hits", 0) > 0 and seen.get("removed", 0) > 0, seen
 
 
-# ---------------------------------------------------------------------- examples
-# Capacity-level cases with exact sizes (the simulator's view, driven like the
-# manager drives it): every chunk of every group takes 100 bytes. Names in the
-# assertions: F / W / S (full, window, state) + the chunk ids of the prefix.
-
-TINY = {FULL: 100, SLIDING: 100, STATE: 100}
-ONE = {FULL: 1, SLIDING: 1, STATE: 1}
-
-
-class Sim:
-    """Requests through ``Capacity`` as the manager drives it, without files."""
-
-    def __init__(self, layout: HybridLayout, policy: str, budget: int | None,
-                 headroom: float = 0.0):
-        self.layout = layout
-        self.index = ChunkIndex()
-        # exact sizes: no headroom unless a test asks for it
-        self.cap = Capacity(self.index, make_policy(policy, layout), budget, headroom=headroom)
-        self.n = 0
-        self._name: dict[bytes, str] = {}
-
-    def keys(self, ids):
-        return request_keys(self.layout, tuple(ids))
-
-    def request(self, ids, tail: int = 5):
-        """Hit, load, offer the rest, store what is admitted. Returns (hit, plan, evicted)."""
-        keys = self.keys(ids)
-        num_tokens = len(ids) * C + tail
-        hit = servable_tokens(self.layout.groups, lambda g, i: keys[g][i] in self.index,
-                              num_tokens, align_tokens=align_of(self.layout))
-        loaded = hit_keys(self.layout, keys, hit)
-        for k in loaded:
-            self.index.pin(k)
-        self.cap.policy.on_load(loaded, self.index)
-        for k in loaded:
-            self.index.unpin(k)
-        positions = {k: (i + 1) * C for ks in keys.values() for i, k in enumerate(ks)}
-        batch = [Candidate(k, gi, (i + 1) * C, self.layout.group(gi).chunk_bytes,
-                           ks[i - 1] if i else None)
-                 for gi, ks in keys.items() for i, k in enumerate(ks)
-                 if (i + 1) * C > hit and k not in self.index]
-        rid = f"r{self.n}"
-        self.n += 1
-        plan = self.cap.plan_store(batch, RequestView(rid, positions, num_tokens))
-        evicted = list(plan.evicted)
-        for cand in plan.admitted:
-            evicted += self.cap.commit(cand.key, size=cand.size, position=cand.position,
-                                       parent=cand.parent)
-        self.cap.request_finished(rid)
-        return hit, plan, evicted
-
-    def names(self, keys) -> set[str]:
-        """Readable names: 'F' / 'W' / 'S' + the prefix ids, e.g. 'F01' for chunk (0, 1)."""
-        return {self._name.get(key, key.hex()[:8]) for key in keys}
-
-    def stored(self) -> set[str]:
-        return self.names(e.key for e in self.index)
-
-    def name_all(self, *prompts) -> None:
-        tag = {FULL: "F", SLIDING: "W", STATE: "S"}
-        for ids in prompts:
-            for gi, ks in self.keys(ids).items():
-                for i, k in enumerate(ks):
-                    self._name[k] = tag[self.layout.group(gi).kind] + "".join(
-                        map(str, ids[:i + 1]))
-
-
-def test_group_aware_keeps_shared_prefix_and_newest_end_state():
-    """Two requests share a prefix, then diverge; the budget fits one branch.
-
-    Full attention + state, every chunk 100 bytes, budget 700 (7 chunks).
-    A = 0 1 2 3 and B = 0 1 5 6, each with a 5-token tail (the hit point is
-    the end, 64 tokens). A stores its spine and its end state (admitted), then
-    spare states into free space, deepest first: 48 and 32 fit, 16 does not.
-    B hits 32 tokens (spine 0 1 plus A's spare state at 32, now a checkpoint)
-    and needs 300 bytes for its branch: the older branch's deeper chunks go
-    (its spare state at 48 first: within a chunk of A's end it goes with its
-    hit point, by utility), and B's end state and its spare state at 48 are
-    stored. A third, unrelated request then needs 200 bytes: the least useful
-    hit points go (the fork at 32, older than B's end, and B's spare point at
-    48); the shared ancestors 0 and 0 1 stay because B's end still needs them.
-    """
-    layout = make_layout((FULL, STATE), pages=TINY, layers=ONE)
-    sim = Sim(layout, "group_aware", 700)
-    a, b = (0, 1, 2, 3), (0, 1, 5, 6)
-    sim.name_all(a, b, (7,))
-
-    hit, plan, evicted = sim.request(a)
-    assert hit == 0 and not evicted
-    assert sim.names(c.key for c in plan.admitted) == {
-        "F0", "F01", "F012", "F0123", "S0123", "S012", "S01"}
-    assert sim.names(c.key for c in plan.skipped) == {"S0"}  # spare, deepest first: no room
-    assert {sim.names([c.key]).pop(): sim.index.get(c.key).spare for c in plan.admitted
-            if c.group == 1} == {"S0123": False, "S012": True, "S01": True}
-
-    hit, plan, evicted = sim.request(b)
-    assert hit == 32  # spine 0 1 and the state at 32
-    assert sim.names(evicted) == {"F012", "F0123", "S012", "S0123"}
-    assert sim.stored() == {"F0", "F01", "S01", "F015", "F0156", "S0156", "S015"}
-    assert sim.index.get(sim.keys(b)[1][2]).spare and not plan.skipped
-
-    hit, plan, evicted = sim.request((7,))
-    assert hit == 0 and sim.names(c.key for c in plan.admitted) == {"F7", "S7"}
-    assert sim.names(evicted) == {"S01", "S015"}
-    assert sim.stored() == {"F0", "F01", "F015", "F0156", "S0156", "F7", "S7"}
-    assert sim.index.bytes_used == 700
-
-
-@pytest.mark.parametrize("kinds", [(FULL, SLIDING, STATE), (FULL, STATE), (FULL, SLIDING)])
-def test_removing_a_spine_chunk_reclaims_every_deeper_chunk_on_its_prefix(kinds):
-    layout = make_layout(kinds, window=32, pages=TINY, layers=ONE)
-    sim = Sim(layout, "group_aware", None)
-    a, b, other = (0, 1, 2, 3), (0, 1, 4), (2, 2)
-    sim.name_all(a, b, other)
-    # every chunk of every group of three prompts is stored (two share the prefix 0 1)
-    for ids in (a, b, other):
-        for gi, ks in sim.keys(ids).items():
-            for i, k in enumerate(ks):
-                if k not in sim.index:
-                    sim.index.add(k, group=gi, position=(i + 1) * C, size=100,
-                                  parent=ks[i - 1] if i else None)
-    before = sim.stored()
-    pinned = sim.keys(b)[0][2]  # F014, being loaded
-    sim.index.pin(pinned)
-
-    tags = [{FULL: "F", SLIDING: "W", STATE: "S"}[k] for k in kinds]
-    every = {t + p for t in tags for p in ("0", "01", "012", "0123", "014", "2", "22")}
-    assert before == every
-
-    removed = sim.names(sim.cap.remove([sim.keys(a)[0][1]]))  # F01
-
-    # every deeper chunk of every group on prefix 0 1 (both branches) goes ...
-    assert removed == {t + p for t in tags for p in ("01", "012", "0123", "014")} - {"F014"}
-    # ... except a pinned one (being loaded: never removed, not even as an orphan);
-    # the ancestor 0 and the unrelated prefix 2 2 stay
-    assert sim.stored() == {"F014"} | {t + p for t in tags for p in ("0", "2", "22")}
-
-    # a group-agnostic LRU removes only what it is told: the rest is stranded
-    lru = Capacity(sim.index, make_policy("lru", layout), None)
-    assert sim.names(lru.remove([sim.keys(other)[0][0]])) == {"F2"}
-    assert "F22" in sim.stored()
-
-
-def test_non_checkpoint_state_is_spare_and_goes_before_checkpoints():
-    layout = make_layout((FULL, STATE), pages=TINY, layers=ONE)
-    ids = (0, 1, 2, 3)
-    sim = Sim(layout, "group_aware", 500)
-    sim.name_all(ids, (5,), (6, 6))
-    keys = sim.keys(ids)
-    batch = [Candidate(k, gi, (i + 1) * C, 100, ks[i - 1] if i else None)
-             for gi, ks in keys.items() for i, k in enumerate(ks)]
-    view = RequestView("r", {c.key: c.position for c in batch}, len(ids) * C + 5)
-    verdicts = dict(zip((sim.names([c.key]).pop() for c in batch),
-                        sim.cap.policy.admit(batch, view, sim.index)))
-    # only the state at the request end (the likely hit point) is a checkpoint
-    assert verdicts == {"F0": Admission.ADMIT, "F01": Admission.ADMIT, "F012": Admission.ADMIT,
-                        "F0123": Admission.ADMIT, "S0123": Admission.ADMIT,
-                        "S0": Admission.SPARE, "S01": Admission.SPARE, "S012": Admission.SPARE}
-
-    # the budget fits exactly the admitted chunks: spare states are skipped, nothing evicted
-    _, plan, evicted = sim.request(ids)
-    assert not evicted and sim.names(c.key for c in plan.skipped) == {"S0", "S01", "S012"}
-    assert sim.stored() == {"F0", "F01", "F012", "F0123", "S0123"}
-    # spare states alone never evict, even with the disk full
-    spare = [c for c in batch if c.group == 1 and c.position < 64]
-    plan = sim.cap.plan_store(spare, view)
-    assert not plan.evicted and not plan.admitted and len(plan.skipped) == 3
-
-    # with room to spare they are stored, flagged spare ...
-    sim = Sim(layout, "group_aware", 700)
-    sim.name_all(ids, (5,), (6, 6))
-    sim.request(ids)
-    assert sim.stored() == {"F0", "F01", "F012", "F0123", "S0123", "S012", "S01"}
-    assert [sim.index.get(k).spare for k in sim.keys(ids)[1][1:3]] == [True, True]
-    # ... and are the first to go: a request needing 200 bytes takes both, not the checkpoint
-    # (the one at 16 as expendable, the one a chunk short of the end as the least useful point)
-    _, plan, evicted = sim.request((5,))
-    assert sim.names(evicted) == {"S01", "S012"}
-    assert sim.stored() == {"F0", "F01", "F012", "F0123", "S0123", "F5", "S5"}
-    # a checkpoint retired takes its whole spine once no other checkpoint needs it (in a
-    # state model a spine without a state serves no hit); the newer checkpoint stays
-    _, plan, evicted = sim.request((6, 6))
-    assert sim.names(evicted) == {"F0", "F01", "F012", "F0123", "S0123"}
-    assert sim.stored() == {"F5", "S5", "F6", "F66", "S6", "S66"}
-
-
-def _manager(tmp_path, layout, policy="group_aware", budget=None) -> HybridKVManager:
-    store = ChunkStore(tmp_path, layout)
-    store.ensure_dirs()
-    config = HybridKVConfig(cache_dir=str(tmp_path), disk_budget=budget, eviction_policy=policy)
-    return HybridKVManager(store, config, policy=make_policy(policy, layout))
-
-
-
 def test_failed_load_reclaims_the_orphans_it_pinned(tmp_path):
     layout = make_layout((FULL, STATE))
-    m = _manager(tmp_path, layout)
+    m = make_manager(tmp_path, layout)
     keys = request_keys(layout, (0, 1))
     full, state = keys[0], keys[1]
 
@@ -764,145 +530,3 @@ def test_failed_load_reclaims_the_orphans_it_pinned(tmp_path):
     m.complete_load(load, second)
     assert full[0] not in m.index  # dropped, and with it ...
     assert full[1] not in m.index and state[1] not in m.index  # ... its orphans
-
-
-def test_chunks_past_a_spine_chunk_that_did_not_fit_are_skipped():
-    """A window chunk at or past a full-attention chunk that did not fit could never be hit."""
-    layout = make_layout((FULL, SLIDING), pages={FULL: 100, SLIDING: 50}, layers=ONE)
-    sim = Sim(layout, "group_aware", 220)
-    sim.name_all((0, 1))
-    hit, plan, evicted = sim.request((0, 1))  # F0 + W0 = 150 bytes; F01 needs 100 more
-    assert hit == 0 and not evicted
-    assert sim.names(c.key for c in plan.admitted) == {"F0", "W0"}
-    # W01 (50 bytes) would fit, but the spine breaks before it
-    assert sim.names(c.key for c in plan.skipped) == {"F01", "W01"}
-    assert sim.stored() == {"F0", "W0"}
-
-
-def test_watermark_cleaner_spares_chunks_of_a_request_still_storing():
-    layout = make_layout((FULL,), pages=TINY, layers=ONE)
-    index = ChunkIndex()
-    cap = Capacity(index, make_policy("watermark", layout), 1000)
-    open_req, later = request_keys(layout, (0, 1, 2))[0], request_keys(layout, (5, 6, 7, 8, 9, 4))[0]
-
-    def offer(rid, keys):
-        batch = [Candidate(k, 0, (i + 1) * C, 100, keys[i - 1] if i else None)
-                 for i, k in enumerate(keys)]
-        return cap.plan_store(batch, RequestView(rid, {c.key: c.position for c in batch}))
-
-    assert len(offer("open", open_req).admitted) == 3  # still storing: never finished
-    for i, k in enumerate(open_req):
-        cap.commit(k, size=100, position=(i + 1) * C, parent=open_req[i - 1] if i else None)
-    assert len(offer("later", later).admitted) == 6
-    for i, k in enumerate(later):  # both requests are storing: the cleaner finds nothing
-        assert cap.commit(k, size=100, position=(i + 1) * C,
-                          parent=later[i - 1] if i else None) == []
-    cap.request_finished("later")
-    evicted = cap.enforce()
-    # 900 bytes > 85% of 1000: the cleaner went down to 70%; the open request's chunks are
-    # the least recently used but are not touched, the finished one's oldest went
-    assert evicted == later[:2] and index.bytes_used == 700
-    assert all(k in index for k in open_req)
-    cap.request_finished("open")
-    assert set(cap.enforce()) == set()  # under the high watermark now: nothing more to do
-
-
-def test_manager_uses_the_prompt_length_for_chunk_aligned_repeats(tmp_path):
-    """A prompt of exactly two chunks: a repeat resumes at one chunk (its last token is
-    recomputed), so the state there is a checkpoint, not a spare, once the connector
-    told the manager the prompt length."""
-    layout = make_layout((FULL, STATE))
-    keys = request_keys(layout, (0, 1))
-
-    def offer(m, name):
-        ctx = ReqContext(req_id=name)
-        for ks in keys.values():
-            for i, k in enumerate(ks):
-                ctx.set_offload_key_position(k, (i + 1) * C)
-        m.prepare_store([*keys[0], *keys[1]], ctx)
-        return {i: m.index.get_any(k).spare for i, k in enumerate(keys[1])}
-
-    told = _manager(tmp_path / "told", layout)
-    told.note_prompt_tokens("r", 2 * C)
-    assert offer(told, "r") == {0: False, 1: False}
-    untold = _manager(tmp_path / "untold", layout)
-    assert offer(untold, "r") == {0: True, 1: False}
-    told.on_request_finished(ReqContext(req_id="r"))
-    assert "r" not in told._prompt_tokens
-
-
-def test_a_spare_chunk_replaces_far_spare_ones_never_a_checkpoint():
-    """A full disk still takes a spare chunk in place of a dead one or of a spare one far
-    from its request's end (widest gap first), never a checkpoint, never a spare chunk
-    within a chunk of a checkpoint (a follow-up that changes only the tail resumes there)."""
-    layout = make_layout((FULL, STATE), pages=TINY, layers=ONE)
-    ids, other = (0, 1, 2, 3, 4), (7, 8, 9)
-    sim = Sim(layout, "group_aware", 900)
-    sim.name_all(ids, other)
-    _, plan, _ = sim.request(ids)
-    # spare states go in deepest first: 64, 48 and 32 fit, 16 does not
-    assert sim.stored() == {"F0", "F01", "F012", "F0123", "F01234", "S01234",
-                            "S0123", "S012", "S01"}
-    assert sim.names(c.key for c in plan.skipped) == {"S0"}
-
-    keys = sim.keys(other)  # another request offers only its state at 16 (not its end: spare)
-    s7 = Candidate(keys[1][0], 1, C, 100, None)
-    view = RequestView("other", {k: (i + 1) * C for ks in keys.values()
-                                 for i, k in enumerate(ks)}, len(other) * C + 5)
-    assert sim.cap.policy.admit([s7], view, sim.index) == [Admission.SPARE]
-    sim.index.touch(sim.keys(ids)[0][0])  # recency does not save the far spare state at 32
-    plan = sim.cap.plan_store([s7], view)
-    assert sim.names(c.key for c in plan.admitted) == {"S7"}
-    assert sim.names(plan.evicted) == {"S01"}  # 48 tokens short of the end: the widest gap
-    sim.cap.request_finished("other")
-
-    # the budget holds the checkpoint and the spare state a chunk short of the end only:
-    # nothing is expendable, the spare candidate is skipped, checkpoints stay
-    for budget, kept in ((700, {"S0123"}), (600, set())):
-        sim = Sim(layout, "group_aware", budget)
-        sim.name_all(ids, other)
-        sim.request(ids)
-        assert sim.stored() == {"F0", "F01", "F012", "F0123", "F01234", "S01234"} | kept
-        plan = sim.cap.plan_store([s7], view)
-        assert not plan.admitted and not plan.evicted and len(plan.skipped) == 1
-
-
-@pytest.mark.parametrize("policy", ["group_aware", "lru"])
-def test_a_second_question_on_a_document_hits_a_chunk_short_of_the_first_end(policy):
-    """Long-document questions: the second question diverges inside the first one's last
-    chunk, so it resumes a chunk short of the first one's end, where only spare chunks
-    (the state there, the window chunk just outside the end's window) serve it. They are
-    stored before the far spares (deepest first) and are not expendable: later requests
-    that need room for their checkpoints retire older hit points first, so the second
-    question hits as it does under a group-agnostic LRU (it got 0 tokens when every spare
-    chunk went before any checkpoint)."""
-    layout = make_layout((FULL, SLIDING, STATE), window=32, pages=TINY, layers=ONE)
-    doc, q1, q2 = (0, 1, 2, 3, 4, 5), (6,), (7,)
-    older = [(30 + i,) for i in range(4)]
-    fillers = [(10 + i,) for i in range(3)]
-    sim = Sim(layout, policy, 3000)
-    sim.name_all(doc + q1, doc + q2, *older, *fillers)
-    for ids in (*older, doc + q1, *fillers):  # the fillers need room: eviction runs
-        sim.request(ids)
-    assert sim.names(k for ids in older for ks in sim.keys(ids).values() for k in ks) \
-        - sim.stored()  # some older chunks went
-    hit, _, _ = sim.request(doc + q2)
-    assert hit == len(doc) * C
-
-
-@pytest.mark.parametrize("policy", ["group_aware", "lru"])
-def test_headroom_frees_more_than_needed_so_eviction_runs_rarely(policy):
-    """Requests of 2 chunks each into a budget of 10: with 20% headroom an eviction frees
-    the shortfall plus 2 chunks, so it runs on every other request instead of every one."""
-    layout = make_layout((FULL,), pages=TINY, layers=ONE)
-    calls = {}
-    for headroom in (0.0, 0.2):
-        sim = Sim(layout, policy, 1000, headroom=headroom)
-        for n in range(20):
-            sim.request((n, 100 + n))
-            assert sim.index.bytes_used <= 1000
-        calls[headroom] = sim.cap.victim_calls
-    assert calls[0.0] == 15  # full after 5 requests, then one eviction per request
-    assert calls[0.2] == 8
-    with pytest.raises(ValueError, match="headroom"):
-        Capacity(ChunkIndex(), make_policy(policy, layout), 1000, headroom=1.5)
