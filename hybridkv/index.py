@@ -337,15 +337,62 @@ class ChunkIndex:
 
         ``by_mtime``: add oldest file first (a scan), so recency survives a restart;
         False keeps the given order (``records()`` of an index: its recency order).
+        Into an empty index with no listener (a start) the records go in one pass.
         """
+        records = sorted(chunks, key=lambda c: c.mtime_ns) if by_mtime else list(chunks)
+        if not self._slot and not self._listeners and records:
+            return self._bulk_load(records)
         added = 0
-        for chunk in sorted(chunks, key=lambda c: c.mtime_ns) if by_mtime else chunks:
+        for chunk in records:
             if chunk.key in self:
                 continue
             self.add(chunk.key, group=chunk.group, position=chunk.position,
                      size=chunk.size, parent=chunk.parent, mtime_ns=chunk.mtime_ns)
             added += 1
         return added
+
+    def _bulk_load(self, records: list[ChunkRecord]) -> int:
+        """``load`` into an empty index: columns filled at once, then one linking pass."""
+        first: dict[bytes, int] = {}
+        unique = []
+        for r in records:  # the first record of a key wins, as ``add`` does
+            if r.key not in first:
+                first[r.key] = len(unique)
+                unique.append(r)
+        n = len(unique)
+        while len(self._flags) < n:
+            self._grow()
+        self._slot = first
+        self._keys[:n] = [r.key for r in unique]
+        self._group[:n] = array("H", [r.group for r in unique])
+        self._position[:n] = array("i", [r.position for r in unique])
+        sizes = [r.size for r in unique]
+        self._size[:n] = array("I", sizes)
+        self._mtime[:n] = array("q", [r.mtime_ns for r in unique])
+        ticks = array("I", range(self._clock + 1, self._clock + n + 1))
+        self._last_access[:n] = ticks
+        self._created[:n] = ticks
+        self._clock += n
+        self._flags[:n] = bytes([_STORED]) * n
+        self._groups.update(r.group for r in unique)
+        capacity = len(self._flags)
+        self._free = array("i", range(capacity - 1, n - 1, -1))
+        parent, child, sibling, slot_of = self._parent, self._child, self._sibling, first.get
+        for c in range(n - 1, -1, -1):  # children end up in slot order
+            pk = unique[c].parent
+            if pk is None:
+                continue
+            p = slot_of(pk)
+            if p is None:
+                self._orphan_parent[c] = pk
+                self._orphans.setdefault(pk, set()).add(c)
+                continue
+            parent[c] = p
+            sibling[c] = child[p]
+            child[p] = c
+        self._stored += n
+        self.bytes_stored += sum(sizes)
+        return n
 
     def lru_slots(self) -> Iterator[int]:
         """Slots of stored chunks, least recently used first (sorted lazily, in blocks)."""

@@ -1,4 +1,13 @@
-"""hybridkv's group-aware capacity policy: spend the disk budget where hits come from.
+"""TEST ORACLE: the group-aware policy as it was before it became incremental.
+
+It recomputes every hit point, count and pool from the whole index on each decision
+(``analyze``: time linear in the stored chunks). ``tests/test_group_aware_incremental.py``
+checks that ``hybridkv.policies.group_aware`` decides exactly as this does; the
+policy overhead benchmark times it for comparison. Not part of the package.
+
+The original module docstring follows.
+
+hybridkv's group-aware capacity policy: spend the disk budget where hits come from.
 
 Vocabulary: a *hit point* is a stored prefix position p where every group can
 serve a hit (the first full-attention group's chain is complete from the
@@ -284,7 +293,8 @@ class GroupAwarePolicy(CapacityPolicy):
             rank[i] = r / max(1, len(pts) - 1)
         top = max(density) or 1.0
         score = [rank[i] + self.alpha * density[i] / top for i in range(len(pts))]
-        return [pts[i] for i in sorted(range(len(pts)), key=score.__getitem__)]
+        # ties (equal utility): the less recently used point first
+        return [pts[i] for i in sorted(range(len(pts)), key=lambda i: (score[i], rank[i]))]
 
     def _needs(self, index: ChunkIndex, key: bytes, position: int,
                memo: dict[int, dict[bytes, bool]]) -> list[bytes] | None:

@@ -123,3 +123,41 @@ def test_random_traces_made_decisions():
         pytest.skip("the random-trace property did not run in this session")
     assert sum(DECISIONS) >= 20
 
+
+
+@pytest.mark.parametrize("trace_name,model", [("multi_turn", "gemma3_27b"),
+                                              ("document_qa", "jamba_mini"),
+                                              ("agentic", "qwen3_next_80b")])
+def test_a_rebuild_at_start_equals_the_upkeep(trace_name, model, monkeypatch):
+    """A restarted engine (policy built from the index at once) decides as a running one."""
+    from hybridkv.capacity import Capacity
+
+    captured = {}
+    original = Capacity.__init__
+
+    def keep(self, index, policy, *args, **kwargs):
+        original(self, index, policy, *args, **kwargs)
+        captured["index"], captured["policy"] = index, policy
+
+    monkeypatch.setattr(Capacity, "__init__", keep)
+    trace = make_trace(trace_name, scale="quick")
+    trace = Trace(name=trace.name, block_tokens=trace.block_tokens, requests=trace.requests[:80])
+    sim = SIM_MODELS[model]
+    replay(trace, sim, "group_aware", int(working_set_bytes(trace, sim) * 0.2))
+    index, live = captured["index"], captured["policy"]
+    running = live.hit_points(index)
+    running.settle()
+    fresh = GroupAwarePolicy(sim.layout, cost=sim.cost)
+    built = fresh.hit_points(index)
+    built.settle()
+    assert set(built.points) == set(running.points)
+    for b, pt in running.points.items():
+        other = built.points[b]
+        assert (other.needs, other.firm, other.recency, other.gap) == \
+            (pt.needs, pt.firm, pt.recency, pt.gap)
+        assert other.density == pytest.approx(pt.density, rel=1e-12)
+    assert built.refs == running.refs and built.below == running.below
+    assert list(built.dead) == list(running.dead) and list(built.spare) == list(running.spare)
+    assert list(utility_order(built, 1.0)) == list(utility_order(running, 1.0))
+    need = index.bytes_stored // 10
+    assert fresh.victims(index, need) == live.victims(index, need)

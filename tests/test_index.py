@@ -173,3 +173,24 @@ def test_lru_slots_are_in_recency_order():
         index.touch(make_key(i.to_bytes(8, "big"), 0))
     order = [index.key_of(s) for s in index.lru_slots()]
     assert order == [e.key for e in sorted(index, key=lambda e: e.last_access)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 11), st.integers(0, 1), st.integers(0, 11),
+                          st.integers(0, 5)), max_size=40))
+def test_bulk_load_equals_adding_one_by_one(rows):
+    records = [ChunkRecord(key(i, g), g, 256 * (i + 1), 10 + i, key(p, g) if p < i else None,
+                           mtime) for i, g, p, mtime in rows]
+    bulk = ChunkIndex()
+    bulk.load(records)
+    one = ChunkIndex()
+    for r in sorted(records, key=lambda r: r.mtime_ns):
+        if r.key not in one:
+            one.add(r.key, group=r.group, position=r.position, size=r.size, parent=r.parent,
+                    mtime_ns=r.mtime_ns)
+    assert len(bulk) == len(one) and bulk.bytes_stored == one.bytes_stored
+    assert bulk.records() == one.records()
+    for e in one:
+        got = bulk.get(e.key)
+        assert got.children == e.children and got.parent == e.parent
+        assert set(bulk.descendants(e.key)) == set(one.descendants(e.key))

@@ -85,7 +85,8 @@ class CapacityPolicy(ABC):
     def attach(self, index: ChunkIndex) -> None:
         """The index this policy will decide over (``Capacity`` calls it once).
 
-        A policy that keeps incremental state subscribes to the index here.
+        A policy that keeps incremental state builds it from the index and subscribes
+        to its changes here or, if building is costly, at its first decision.
         """
 
     def orphans_of(self, index: ChunkIndex, key: bytes) -> list[bytes]:

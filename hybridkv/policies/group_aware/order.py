@@ -10,7 +10,8 @@ threshold algorithm): any point not yet seen scores at least
 most that is next. An eviction retires a few points, so it reads a few entries
 of each list: O(k log N) for k points, not O(N).
 
-Invariant: the sequence equals sorting every point by (utility, rank).
+Invariant: the sequence equals sorting every point by (utility, rank): equal utility,
+less recently used first.
 """
 
 from __future__ import annotations

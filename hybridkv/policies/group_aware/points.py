@@ -174,23 +174,91 @@ class HitPoints:
 
     # ------------------------------------------------------------------ building
     def rebuild(self) -> None:
-        """Recompute everything from the index (at start, or after ``clear``)."""
+        """Recompute everything from the index (at start, or after ``clear``) in O(N).
+
+        The same values the incremental upkeep keeps, computed in passes over the
+        chunks by position (parents before children, or children first), as the
+        scan-based analysis did; the incremental path takes over from here.
+        """
         for part in (self.rooted, self.points, self.refs, self.below, self.needed_by,
                      self.dead, self._dead_key, self.spare, self._spare_key, self.by_recency,
                      self.by_density, self._chunk_gap, self._stale, self._recheck,
                      self._arrived):
             part.clear()
         ix = self.index
-        present = list(ix._slot.values())
-        for slot in sorted((s for s in present if ix._group[s] in self._full),
-                           key=lambda s: ix._position[s]):  # parents first
-            self._root_one(slot)
-        self._recheck.update(s for s in present if ix._group[s] == self.bb)
-        self._settle_points()
-        for slot in present:
-            if ix._flags[slot] & _STORED and not self.is_live(slot):
-                self._dead_add(slot)
-        self.settle(full=True)
+        position, parent, group_of, flags = ix._position, ix._parent, ix._group, ix._flags
+        present = sorted(ix._slot.values(), key=position.__getitem__)
+        full, bb, rooted = self._full, self.bb, self.rooted
+        for s in present:  # parents first
+            if group_of[s] in full:
+                p = parent[s]
+                if position[s] <= self._spec[group_of[s]].chunk_tokens or (
+                        p != -1 and p in rooted):
+                    rooted.add(s)
+        # hit points and what they need
+        points = self.points
+        for s in present:
+            if group_of[s] == bb and s in rooted:
+                needs = self._needs(s)
+                if needs is not None:
+                    points[s] = Point(needs=needs,
+                                      firm=not any(flags[n] & _SPARE for n in needs))
+        refs, below, needed_by = self.refs, self.below, self.needed_by
+        for b, pt in points.items():
+            below[b] = below.get(b, 0) + 1
+            for n in pt.needs:
+                refs[n] = refs.get(n, 0) + 1
+                needed_by.setdefault(n, set()).add(b)
+                if group_of[n] in full:
+                    below[n] = below.get(n, 0) + 1
+        for s in reversed(present):  # children first: counts flow up each chain
+            c = below.get(s)
+            p = parent[s]
+            if c and p != -1:
+                below[p] = below.get(p, 0) + c
+        # shallowest checkpoint at or below each backbone chunk, for the gaps
+        checkpoint: dict[int, int] = {}
+        for s in reversed(present):
+            if group_of[s] != bb:
+                continue
+            pt = points.get(s)
+            if pt is not None and pt.firm:
+                checkpoint[s] = s
+            cp = checkpoint.get(s)
+            p = parent[s]
+            if cp is not None and p != -1:
+                up = checkpoint.get(p)
+                if up is None or position[cp] < position[up]:
+                    checkpoint[p] = cp
+        last_hit, created = ix._last_hit, ix._created
+        for b, pt in points.items():
+            pt.recency = (max(last_hit.get(b, 0), created[b]), position[b], b)
+            if pt.firm:
+                continue
+            cp = checkpoint.get(b)
+            pt.gap = FAR if cp is None or last_hit.get(cp, 0) > created[b] else \
+                position[cp] - position[b]
+            pt.counted = True
+            for n in pt.needs:
+                self._gap_in(n, pt.gap)
+        for b, pt in points.items():
+            if pt.firm:
+                pt.density = self._density(b, pt)
+        self.by_recency.update(pt.recency for pt in points.values())
+        self.by_density.update((pt.density, b) for b, pt in points.items())
+        access = ix._last_access
+        dead = []
+        for s in present:
+            if flags[s] & _STORED and not self.is_live(s):
+                key = (access[s], s)
+                self._dead_key[s] = key
+                dead.append(key)
+        self.dead.update(dead)
+        for s in list(self._chunk_gap):
+            self._spare_sync(s)
+        for s in present:  # spare chunks no non-checkpoint counts (none need them: FAR)
+            if flags[s] & _SPARE and s not in self._chunk_gap:
+                self._spare_sync(s)
 
     # ------------------------------------------------------------------ arrival / departure
     def _arrive(self, slot: int) -> None:

@@ -85,19 +85,26 @@ class GroupAwarePolicy(CapacityPolicy):
         self._groups = {g.index: g for g in layout.groups}
         self.spine_groups = frozenset(g.index for g in full)
         self._points: HitPoints | None = None
+        self._index: ChunkIndex | None = None
 
     # ------------------------------------------------------------------ state
     def attach(self, index: ChunkIndex) -> None:
-        """Follow ``index`` from now on (built once from what it holds)."""
-        if self._points is not None:
-            if self._points.index is index:
-                return
+        """Decide over ``index``; its hit points are built at the first decision.
+
+        Building them reads every chunk once (O(N), ~10-20 us per chunk), so an engine
+        restarting on a large directory is ready before it; lookups, loads and stores do
+        not need them.
+        """
+        if self._points is not None and self._points.index is not index:
             self._points.index.unsubscribe(self._points)
-        self._points = HitPoints(index, self.layout, self.backbone, self.cost)
+            self._points = None
+        self._index = index
 
     def hit_points(self, index: ChunkIndex) -> HitPoints:
-        self.attach(index)
-        assert self._points is not None
+        """The incrementally kept hit points of ``index`` (built on first use)."""
+        if self._points is None or self._points.index is not index:
+            self.attach(index)
+            self._points = HitPoints(index, self.layout, self.backbone, self.cost)
         return self._points
 
     # ------------------------------------------------------------------ admission
