@@ -104,6 +104,9 @@ class HitPoints:
         self._stale: set[int] = set()  # points whose density / gap must be recomputed
         self._recheck: set[int] = set()  # slots whose hit point must be recomputed
         self._arrived: set[int] = set()  # slots to sync with the pools once points settle
+        self._touched: set[int] = set()  # recency changed (dead pool key)
+        self._unspared: set[int] = set()  # no longer spare: their points may be checkpoints
+        self._hits: set[int] = set()  # a loaded hit ended here (recency, checkpoints above)
         self.rebuild()
         index.subscribe(self)
 
@@ -118,21 +121,12 @@ class HitPoints:
         self._leave(slot)
 
     def on_touch(self, slot: int, was_spare: bool) -> None:
-        self._settle_points()
-        if slot in self._dead_key:
-            self._dead_add(slot)
+        self._touched.add(slot)
         if was_spare:
-            self._spare_drop(slot)
-            self._recheck.update(self.needed_by.get(slot, ()))
-            self._settle_points()
+            self._unspared.add(slot)
 
     def on_hit(self, slot: int) -> None:
-        self._settle_points()
-        pt = self.points.get(slot)
-        if pt is not None:
-            self._set_recency(slot, pt)
-            if pt.firm:
-                self._stale_up(slot)
+        self._hits.add(slot)
 
     def on_clear(self) -> None:
         self.rebuild()
@@ -183,7 +177,7 @@ class HitPoints:
         for part in (self.rooted, self.points, self.refs, self.below, self.needed_by,
                      self.dead, self._dead_key, self.spare, self._spare_key, self.by_recency,
                      self.by_density, self._chunk_gap, self._stale, self._recheck,
-                     self._arrived):
+                     self._arrived, self._touched, self._unspared, self._hits):
             part.clear()
         ix = self.index
         position, parent, group_of, flags = ix._position, ix._parent, ix._group, ix._flags
@@ -303,11 +297,17 @@ class HitPoints:
         for part in (self._chunk_gap, self.refs, self.below, self.needed_by):
             part.pop(slot, None)
         self._stale.discard(slot)
-        self._arrived.discard(slot)
+        for pending in (self._arrived, self._touched, self._unspared, self._hits):
+            pending.discard(slot)
         del ix
 
     def _settle_points(self) -> None:
-        """Recompute the hit points queued by arrivals and departures, then sync the pools."""
+        """Apply what changed since the last call: touches, arrivals and departures' points."""
+        if self._unspared:
+            unspared, self._unspared = self._unspared, set()
+            for slot in unspared:
+                self._spare_drop(slot)
+                self._recheck.update(self.needed_by.get(slot, ()))
         if self._recheck:
             todo, self._recheck = self._recheck, set()
             ix = self.index
@@ -332,6 +332,19 @@ class HitPoints:
                     else:
                         self._dead_add(slot)
                     self._spare_sync(slot)
+        if self._touched:
+            touched, self._touched = self._touched, set()
+            for slot in touched:
+                if slot in self._dead_key:
+                    self._dead_add(slot)
+        if self._hits:
+            hits, self._hits = self._hits, set()
+            for slot in hits:
+                pt = self.points.get(slot)
+                if pt is not None:
+                    self._set_recency(slot, pt)
+                    if pt.firm:
+                        self._stale_up(slot)
 
     # ------------------------------------------------------------------ points
     def _compute_point(self, b: int) -> None:
