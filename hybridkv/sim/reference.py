@@ -96,8 +96,7 @@ class ReferencePolicy(CapacityPolicy):
         self.spine_groups = frozenset(g.index for g in layout.groups_of(GroupKind.FULL))
         self.budget = budget
         self._never = n = len(requests)
-        interned: dict[bytes, bytes] = {}
-        self._rkeys: list[list[list[bytes]]] = []
+        self._rkeys = requests
         self._hit: list[int] = []  # the unbounded hit (tokens)
         self._level: list[int] = []  # chunks of the hit aimed for (0: none)
         self._active: list[frozenset[bytes]] = []  # what that hit loads
@@ -106,8 +105,6 @@ class ReferencePolicy(CapacityPolicy):
         seen: set[bytes] = set()
         c = groups[0].chunk_tokens
         for r, (keys, tokens) in enumerate(zip(requests, num_tokens)):
-            keys = [[interned.setdefault(k, k) for k in gk] for gk in keys]
-            self._rkeys.append(keys)
             by_group = {g.index: gk for g, gk in zip(groups, keys)}
             hit = servable_tokens(groups, lambda g, i: by_group[g][i] in seen, tokens)
             level = -(-hit // c)
@@ -124,6 +121,8 @@ class ReferencePolicy(CapacityPolicy):
         self._ptr: dict[bytes, int] = {}
         self._now = -1
         self._synced = 0  # requests before this one are reconciled with the index
+        self._offered: list[bytes] = []  # keys offered by request ``_synced_offer``
+        self._synced_offer = -1
         self._retired = -1  # demands up to this one are retired
         # mirror of the stored chunks: size, next use; bytes by next use; max-heap by next use
         self._size: dict[bytes, int] = {}
@@ -203,7 +202,10 @@ class ReferencePolicy(CapacityPolicy):
     def _sync(self, index: ChunkIndex) -> None:
         """Reconcile the mirror with the index for finished requests; retire served demands."""
         for r in range(self._synced, max(self._synced, self._now)):
-            for k in (k for gk in self._rkeys[r] for k in gk):
+            # its hit's chunks are stored and mirrored already: only offered ones changed
+            offered = self._offered if r == self._synced_offer else (
+                k for gk in self._rkeys[r] for k in gk)
+            for k in offered:
                 entry = index.get(k)
                 if entry is not None:
                     if k not in self._size:
@@ -283,6 +285,8 @@ class ReferencePolicy(CapacityPolicy):
     def admit(self, batch: Sequence[Candidate], request: RequestView,
               index: ChunkIndex) -> list[Admission]:
         self._sync(index)
+        self._offered = [c.key for c in batch]
+        self._synced_offer = self._now
         verdict = {c.key: Admission.REJECT for c in batch}
         size = {c.key: c.size for c in batch}
         todo: list[tuple[int, int, bytes]] = []
