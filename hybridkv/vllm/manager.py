@@ -34,7 +34,7 @@ from vllm.v1.kv_offload.base import (
 
 from hybridkv.capacity import Capacity
 from hybridkv.config import HybridKVConfig
-from hybridkv.index import ChunkIndex
+from hybridkv.index import STORED, ChunkIndex
 from hybridkv.keys import key_group
 from hybridkv.policies import Candidate, CapacityPolicy, LRUPolicy, RequestView
 from hybridkv.stats import Counters
@@ -48,6 +48,7 @@ __all__ = ["HybridKVManager"]
 
 log = logging.getLogger(__name__)
 
+_HIT = LookupResult.HIT
 #: bytes a chunk file adds on top of its payload (safetensors + JSON header), an upper bound
 HEADER_ALLOWANCE = 4096
 #: fleet mode: seconds a stat that found a chunk's file is trusted before a HIT stats again
@@ -89,13 +90,19 @@ class HybridKVManager(OffloadingManager):
 
     # ------------------------------------------------------------------ lookups
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
-        self._fleet_tick()
-        if key in self.index:
-            if self.fleet is not None and not self._fleet_confirm(key):
+        # the scheduler's hot path (every chunk of every waiting request): the index's
+        # key -> slot table is read directly (``benchmarks/index_scale.py`` times it)
+        fleet = self.fleet
+        if fleet is not None:
+            self._fleet_tick()
+        index = self.index
+        slot = index._slot.get(key)
+        if slot is not None and index._flags[slot] & STORED:
+            if fleet is not None and not self._fleet_confirm(key):
                 return LookupResult.MISS
-            if key in self._unchecked and not self._recheck(key):
+            if self._unchecked and key in self._unchecked and not self._recheck(key):
                 return LookupResult.MISS
-            return LookupResult.HIT
+            return _HIT
         if self._refresh(key):
             return LookupResult.HIT
         return LookupResult.MISS
@@ -124,9 +131,8 @@ class HybridKVManager(OffloadingManager):
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
         keys = list(keys)
         for key in keys:
-            self.index.pin(key)
             self.counters.add("chunks_load_prepared", 1, key_group(key))
-        self.policy.on_load(keys, self.index)
+        self.capacity.load(keys)
         return ChunkLoadSpec(keys)
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
@@ -135,8 +141,7 @@ class HybridKVManager(OffloadingManager):
 
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
         keys = list(keys)
-        for key in keys:  # unpin first: a dropped chunk's orphans may be among these keys
-            self.index.unpin(key)
+        self.capacity.load_done(keys)  # first: a dropped chunk's orphans may be among these keys
         for key in keys:
             # a load that failed verification quarantined the file: forget it (and its orphans)
             if key in self.index and not self.store.exists(key):
@@ -161,7 +166,7 @@ class HybridKVManager(OffloadingManager):
             batch.append(Candidate(
                 key, group, position, self.layout.group(group).chunk_bytes + HEADER_ALLOWANCE,
                 by_position.get((group, position - self._chunk_tokens[group]))))
-        plan = self.capacity.plan_store(batch, RequestView(
+        plan = self.capacity.offer(batch, RequestView(
             req_context.req_id, positions, self._prompt_tokens.get(req_context.req_id)))
         self._fleet_admit(plan)
         for cand in plan.rejected:
