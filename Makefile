@@ -30,6 +30,8 @@ bench: setup
 	$(PY) benchmarks/io_throughput.py --out io_throughput.json
 	$(PY) benchmarks/hit_rate.py --out hit_rate.json
 	$(PY) benchmarks/policy_overhead.py --out policy_overhead.json
+	$(PY) benchmarks/index_scale.py --out index_scale.json
+	$(PY) benchmarks/restart.py --out restart.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
