@@ -40,6 +40,7 @@ from hybridkv.store.format import (
     ChunkHeader,
     ChunkMissing,
     ChunkTooNew,
+    MAX_HEADER_BYTES,
     ChunkUnreadable,
     decode,
     encode,
@@ -187,6 +188,8 @@ class ChunkStore:
         prefix = self.io.read_prefix(path, _HEADER_PROBE_BYTES)
         if len(prefix) >= 8:
             (n,) = struct.unpack("<Q", prefix[:8])
+            if n > MAX_HEADER_BYTES:  # never allocate what a damaged length claims
+                raise ChunkCorrupt(f"{path.name}: header length {n} exceeds {MAX_HEADER_BYTES}")
             if 8 + n > len(prefix):
                 prefix = self.io.read_prefix(path, 8 + n)
         return read_header(prefix)

@@ -27,6 +27,7 @@ import xxhash
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_HEADER_BYTES",
     "META_KEY",
     "ChunkHeader",
     "ChunkError",
@@ -42,7 +43,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 META_KEY = "hybridkv"
-_MAX_HEADER_BYTES = 16 * 1024 * 1024
+#: the largest header a reader accepts (a larger claimed length is damage)
+MAX_HEADER_BYTES = _MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 
 class ChunkError(Exception):
