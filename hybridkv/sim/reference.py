@@ -14,21 +14,24 @@ demand after the current request that needs it (never, if none).
   needs is always rejected).
 - Eviction: the stored chunk used farthest in the future goes first (never
   used first).
-- A demand dies when one of its chunks is absent (evicted or not admitted) and
-  no request before the demand offers it again; its other chunks then stop
-  counting it as a use, so the policy never keeps a window or a state for a
-  hit whose prefix it dropped.
+- A demand whose chunk is absent (evicted or not admitted) with no request
+  before it offering the chunk again aims at the deepest shallower hit of the
+  same request that can still be stored, or dies; chunks stop counting a use
+  they no longer serve, so the policy never keeps a window or a state for a
+  hit whose prefix it dropped. A demand that does not fit at its last offer may
+  take a shallower hit into space no other demand uses.
 
-Replay calls ``advance(n)`` before request n (``replay(..., policy="reference")``).
+Replay calls ``advance(n)`` before request n (``replay(..., policy="reference")``)
+and gives it no eviction headroom (that only amortises the online policies' search).
 
 Invariants: the ``CapacityPolicy`` ones (victims are stored, unpinned,
-unprotected, each named once); the next use the policy keeps for a stored
-chunk is always its earliest live demand after now.
+unprotected, each named once); the next use kept for a stored chunk is its
+earliest live demand after now; ties never depend on key bytes, so a trace cut
+into other block sizes gives the same decisions.
 
-Not optimal: a request is credited only at its unbounded hit point (when that
-demand dies, a shallower hit it could still get is not aimed for, only got by
-chance), demands are ranked by time alone (not by tokens saved per byte), and
-the choice is greedy per request (joint caching with sizes is NP-hard).
+Not optimal (an upper-ish bound): joint caching with sizes is NP-hard; demands
+are ranked by time alone, not by tokens saved per byte; each request aims at one
+hit, lowered only when that hit is lost for good; decisions are greedy per request.
 """
 
 from __future__ import annotations
