@@ -202,3 +202,21 @@ def test_fleet_settings_are_validated_with_the_key_named(tmp_path):
                      ({"fleet_lease_ttl": "15s"}, "fleet_lease_ttl")):
         with pytest.raises(ConfigError, match=f"^{key}:"):
             parse(**bad)
+
+
+def test_a_refused_member_asks_the_holder_for_room_until_it_gives_up(tmp_path):
+    clock = Clock()
+    holder = member(tmp_path, "h", clock, budget=1000, interval=2.0)
+    other = member(tmp_path, "o", clock, budget=1000, interval=2.0)
+    assert holder.poll(force=True) == "sync"
+    holder.finish_sync(holder.begin_sync(), disk_bytes=0)
+    assert holder.admit(900)
+    assert not other.admit(300)  # the fleet is full: refused, demand published
+    assert other.read_members()["o"].demand == 300
+    assert holder.poll(force=True) == "evict" and holder.wanted == 300
+    clock.t += 2.5  # not asked again within the interval: the demand is withdrawn
+    assert other.poll(force=True) is None
+    assert other.read_members()["o"].demand == 0
+    holder.done(900)  # stored: the holder's sync lists it
+    holder.finish_sync(holder.begin_sync(), disk_bytes=900)
+    assert holder.poll(force=True) is None and holder.wanted == 0

@@ -298,6 +298,9 @@ class FleetMember:
         self._next_poll = 0.0
         self._blocked_until = 0.0
         self._dirty = False
+        self._demand_at = 0.0
+        #: (holder) the largest demand another member published at the last poll
+        self.wanted = 0
         self.last_sync = float("-inf")
         self.live_members = 1
         self.publish()
@@ -398,6 +401,7 @@ class FleetMember:
                 return True
             self.grant -= ask
         self.demand = need
+        self._demand_at = self.clock()
         self.publish()
         return False
 
@@ -426,6 +430,9 @@ class FleetMember:
         self._next_poll = now + self.poll_s
         was_holder = self.lease.holds()
         holder = self.lease.acquire()
+        if self.demand and now - self._demand_at > self.interval:
+            self.demand = 0  # not asked again since: withdraw it (the holder keeps no room)
+            self._dirty = True
         if self._dirty or now - self._published > self.usage_ttl / 3:
             self.publish()
         if not holder:
@@ -438,8 +445,9 @@ class FleetMember:
         others = self.live_members > 1
         if others and now - self.last_sync >= self.interval:
             return "sync"
-        if usage > self.budget or any(u.demand for m, u in members.items()
-                                      if m != self.member_id):
+        self.wanted = max((u.demand for m, u in members.items() if m != self.member_id),
+                          default=0)
+        if usage > self.budget or self.wanted:
             return "evict"
         return None
 

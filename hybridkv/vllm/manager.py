@@ -313,7 +313,7 @@ class HybridKVManager(OffloadingManager):
                                 and self._fleet_listing[1].done()):
             self._fleet_sync()
         elif action == "evict":
-            self._fleet_evict(0)
+            self._fleet_evict(fleet.wanted)  # room for the largest refused batch
 
     def _fleet_sync(self, wait: bool = False) -> None:
         """Holder: list the directory (in a thread), then index what it found, evict for
@@ -337,11 +337,14 @@ class HybridKVManager(OffloadingManager):
         self.counters.add("fleet_syncs")
         self.counters.add("fleet_found", added)
         self.counters.add("fleet_gone", gone)
-        over = fleet.excess(self.capacity.headroom, disk_bytes=self.index.bytes_stored,
-                            snapshot=snapshot)
-        if over > 0:
-            self._fleet_shed(over)
-        fleet.finish_sync(snapshot, self.index.bytes_stored)
+        # base = what the listing saw (files stored since the usage snapshot and not listed
+        # count through their engine's admitted bytes), then evict against the new state
+        listed = 0
+        for key in seen:
+            entry = self.index.get(key)
+            listed += entry.size if entry is not None else 0
+        fleet.finish_sync(snapshot, listed)
+        self._fleet_evict(fleet.wanted)
 
     def _fleet_evict(self, extra: int) -> None:
         """Holder: evict until the fleet's usage + ``extra`` leaves the free target."""
