@@ -65,6 +65,16 @@ def test_crashed_holder_is_replaced_and_clean_release_is_immediate(tmp_path):
     assert c.acquire() and c.holds() and not b.holds()
 
 
+def test_a_lease_too_close_to_expiry_to_use_is_still_released(tmp_path):
+    clock = Clock()
+    a = lease(tmp_path, "a", clock)
+    assert a.acquire()
+    clock.t += TTL * 0.9  # idle: within the margin, a no longer evicts on it
+    assert not a.acquire() and not a.holds()
+    a.release()  # clean shutdown
+    assert not a.path.exists()
+
+
 def test_garbled_lease_file_is_taken_once_stale(tmp_path):
     clock = Clock()
     path = tmp_path / "fleet" / "lease.json"

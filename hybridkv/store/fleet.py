@@ -130,6 +130,7 @@ class Lease:
         self.io = io
         self.clock = clock
         self._token: str | None = None
+        self._last_token: str | None = None
         self._expires = 0.0
 
     def holds(self) -> bool:
@@ -146,6 +147,8 @@ class Lease:
             if now > self._expires - self.ttl * 2 / 3:
                 return self._renew()
             return True
+        if self._token is not None:
+            self._last_token = self._token
         self._token = None
         current = self.read()
         if current is None:
@@ -160,14 +163,15 @@ class Lease:
 
     def release(self) -> None:
         """Give the lease up (clean shutdown): the next member need not wait for expiry."""
-        if self._token is not None:
+        mine = self._token or self._last_token  # ours, even if too close to expiry to use
+        if mine is not None:
             current = self.read()
-            if current is not None and current.token == self._token:
+            if current is not None and current.token == mine:
                 try:
                     os.unlink(self.path)
                 except OSError:
                     pass
-        self._token = None
+        self._token = self._last_token = None
 
     # ------------------------------------------------------------------ internals
     def _record(self, token: str) -> bytes:
@@ -405,9 +409,12 @@ class FleetMember:
         self.publish()
         return False
 
-    def done(self, nbytes: int) -> None:
-        """A reservation ended (stored, failed or aborted): no longer in flight."""
+    def done(self, nbytes: int, actual: int | None = None) -> None:
+        """A reservation of ``nbytes`` ended: no longer in flight. ``actual``: the bytes
+        its file holds (0: nothing was written); ``admitted`` keeps only those."""
         self.inflight = max(0, self.inflight - nbytes)
+        if actual is not None and 0 <= actual < nbytes:
+            self.admitted -= nbytes - actual
         self._dirty = True
         if self.inflight == 0 and nbytes > 0:
             # end of a burst: publish now, or the holder's next sync counts these bytes
@@ -506,11 +513,12 @@ class FleetMember:
         """The holder unlinked ``nbytes`` of chunk files: lower ``base`` by as much."""
         if nbytes <= 0:
             return
+        # no clamp at 0: base is an offset (files stored since the sync count in admitted)
         state = self.read_state()
         if state is None:
-            self._initial = max(0, self._initial - nbytes)
+            self._initial -= nbytes
             return
-        state.base = max(0, state.base - nbytes)
+        state.base -= nbytes
         state.generation += 1
         self._write_state(state)
 

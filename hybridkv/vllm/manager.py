@@ -389,8 +389,14 @@ class HybridKVManager(OffloadingManager):
             self._fleet_sizes[cand.key] = cand.size
 
     def _fleet_done(self, key: bytes) -> None:
+        """A store ended: its reservation leaves the flight; the fleet keeps the file's size."""
         if self.fleet is not None:
-            self.fleet.done(self._fleet_sizes.pop(key, 0))
+            reserved = self._fleet_sizes.pop(key, 0)
+            try:
+                actual = self.store.path(key).stat().st_size
+            except OSError:
+                actual = 0  # nothing written
+            self.fleet.done(reserved, actual)
 
     def _fleet_confirm(self, key: bytes) -> bool:
         """Before a HIT: does the file still exist (another engine may have evicted it)?"""
