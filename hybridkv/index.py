@@ -24,7 +24,8 @@ Invariants:
 - Logical clocks (``last_access``, ``created``, ``last_hit``) are unique, increasing
   ticks; when they would overflow 32 bits they are renumbered, keeping their order.
 - Listeners (``subscribe``) hear every change synchronously: a chunk became known
-  (``on_present``), stored (``on_stored``), is about to be forgotten
+  (``on_present``), stored (``on_stored``; ``completed``: a reservation of the same
+  chunk, ``resized``: with another size), is about to be forgotten
   (``on_absent``, while its slot is still valid), was touched or hit.
 """
 
@@ -52,7 +53,7 @@ _INITIAL = 1024
 
 class IndexListener(Protocol):
     def on_present(self, slot: int) -> None: ...
-    def on_stored(self, slot: int) -> None: ...
+    def on_stored(self, slot: int, completed: bool = False, resized: bool = False) -> None: ...
     def on_absent(self, slot: int) -> None: ...
     def on_touch(self, slot: int, was_spare: bool) -> None: ...
     def on_hit(self, slot: int) -> None: ...
@@ -255,11 +256,17 @@ class ChunkIndex:
         if slot is not None and self._flags[slot] & _STORED:
             return ChunkEntry(self, slot, key)
         now = self.tick()
+        completed = resized = False
         if slot is not None:  # a reservation completes: same slot, fresh facts
             flags = self._flags[slot]
-            self.bytes_pending -= self._size[slot]
+            reserved = self._size[slot]
+            self.bytes_pending -= reserved
             if spare is None:
                 spare = bool(flags & _SPARE)
+            # the same chunk as reserved (listeners keep what they derived from it)
+            completed = (self._position[slot] == position and bool(flags & _SPARE) == spare
+                         and self.parent_key(slot) == parent)
+            resized = reserved != size
             self._position[slot] = position
             self._size[slot] = size
             self._flags[slot] = _STORED | (_SPARE if spare else 0)
@@ -276,7 +283,7 @@ class ChunkIndex:
         self._stored += 1
         self.bytes_stored += size
         for listener in self._listeners:
-            listener.on_stored(slot)
+            listener.on_stored(slot, completed, resized)
         return ChunkEntry(self, slot, key)
 
     def remove(self, key: bytes) -> bool:

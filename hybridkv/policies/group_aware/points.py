@@ -114,8 +114,17 @@ class HitPoints:
     def on_present(self, slot: int) -> None:
         self._arrive(slot)
 
-    def on_stored(self, slot: int) -> None:
-        self._arrive(slot)
+    def on_stored(self, slot: int, completed: bool = False, resized: bool = False) -> None:
+        if not completed:
+            self._arrive(slot)
+            return
+        # a reservation completed: the same chunk, present all along (hit points count
+        # pending chunks), now stored; only its size may differ from the reservation
+        self._arrived.add(slot)
+        if resized:
+            self._stale.update(self.needed_by.get(slot, ()))
+            if self.index._group[slot] == self.bb:
+                self._stale_reaching(slot, set())
 
     def on_absent(self, slot: int) -> None:
         self._leave(slot)
@@ -579,30 +588,35 @@ class HitPoints:
         including) the checkpoint above it, so the points to refresh are, for each
         chunk of the chain, those that reach it going up without meeting a checkpoint.
         """
-        ix = self.index
-        points, parent = self.points, ix._parent
+        parent = self.index._parent
         seen: set[int] = set()
         s = b
-        shared = self.below
         while s != -1:
-            seen.add(s)
-            pt = points.get(s)
-            if pt is not None:
-                self._stale.add(s)
-            if (pt is None or not pt.firm) and shared.get(s, 0) < SHARED:
-                stack = [c for c in ix.child_slots(s) if c not in seen]
-                budget = WALK_LIMIT
-                while stack and budget > 0:
-                    budget -= 1
-                    c = stack.pop()
-                    seen.add(c)
-                    under = points.get(c)
-                    if under is not None:
-                        self._stale.add(c)
-                        if under.firm:
-                            continue
-                    stack.extend(x for x in ix.child_slots(c) if x not in seen)
+            self._stale_reaching(s, seen)
             s = parent[s]
+
+    def _stale_reaching(self, s: int, seen: set[int]) -> None:
+        """Mark the points whose density charges them a share of chunk ``s``."""
+        ix = self.index
+        points = self.points
+        seen.add(s)
+        pt = points.get(s)
+        if pt is not None:
+            self._stale.add(s)
+        if (pt is not None and pt.firm) or self.below.get(s, 0) >= SHARED:
+            return
+        stack = [c for c in ix.child_slots(s) if c not in seen]
+        budget = WALK_LIMIT
+        while stack and budget > 0:
+            budget -= 1
+            c = stack.pop()
+            seen.add(c)
+            under = points.get(c)
+            if under is not None:
+                self._stale.add(c)
+                if under.firm:
+                    continue
+            stack.extend(x for x in ix.child_slots(c) if x not in seen)
 
     def _density(self, b: int, pt: Point) -> float:
         """FLOPs the point saves over the checkpoint above it, per byte charged to it."""
