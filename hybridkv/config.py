@@ -77,8 +77,8 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
     eviction_headroom: float = DEFAULT_HEADROOM
     #: seconds between index snapshots (and one at shutdown) for a fast restart (0: none)
     snapshot_interval: float = 300.0
-    #: one budget for every engine on the directory: "auto" (on when disk_budget is set), "on", "off"
-    fleet: str = "auto"
+    #: one budget for every engine on the directory: "off", "on", or "auto" (on when disk_budget is set)
+    fleet: str = "off"
     #: seconds between the lease holder's directory syncs while other engines are alive
     fleet_interval: float = 5.0
     #: seconds the fleet's eviction lease lasts without renewal (an engine silent 2x this is dead)

