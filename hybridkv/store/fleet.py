@@ -568,14 +568,16 @@ def list_keys(store) -> set[bytes]:
     return seen
 
 
-def apply_listing(store, index, seen: set[bytes]) -> tuple[int, int]:
+def apply_listing(store, index, seen: set[bytes], *,
+                  remove: Callable[[list[bytes]], object] | None = None) -> tuple[int, int]:
     """Bring ``index`` up to date with a listing (``list_keys``) of ``store``.
 
     Names the index does not know are described (header + stat) and loaded;
     stored entries not listed whose file is gone now are removed (an entry added
     after the listing still has its file; pinned entries are left for their load
     to fail closed). Keys being stored by this process (pending) are left alone.
-    Returns (added, removed).
+    ``remove`` (e.g. the capacity layer's, which also reclaims the orphans a vanished
+    chunk leaves) replaces ``index.remove``. Returns (added, vanished).
     """
     new: list[ChunkRecord] = []
     for key in seen:
@@ -588,8 +590,11 @@ def apply_listing(store, index, seen: set[bytes]) -> tuple[int, int]:
     added = index.load(new)
     gone = [e.key for e in list(index)
             if e.key not in seen and not e.pins and not store.path(e.key).exists()]
-    for key in gone:
-        index.remove(key)
+    if remove is not None:
+        remove(gone)
+    else:
+        for key in gone:
+            index.remove(key)
     return added, len(gone)
 
 

@@ -333,7 +333,9 @@ class HybridKVManager(OffloadingManager):
             return
         if not fleet.holder:
             return  # lost the lease meanwhile: the next holder syncs
-        added, gone = apply_listing(self.store, self.index, seen)
+        added, gone = apply_listing(  # a vanished chunk takes its orphans (policy) along
+            self.store, self.index, seen,
+            remove=lambda keys: self._delete(self.capacity.remove(keys)))
         self.counters.add("fleet_syncs")
         self.counters.add("fleet_found", added)
         self.counters.add("fleet_gone", gone)
@@ -408,9 +410,7 @@ class HybridKVManager(OffloadingManager):
             self.store.path(key).stat()
         except FileNotFoundError:
             self._fleet_confirmed.pop(key, None)
-            entry = self.index.get(key)
-            if entry is not None and not entry.pins:
-                self.index.remove(key)
+            self._delete(self.capacity.remove([key]))  # with its orphans; pinned ones stay
             self.counters.add("fleet_vanished", 1, key_group(key))
             return False
         except OSError:
