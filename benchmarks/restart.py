@@ -1,17 +1,18 @@
 """Time to a ready index at restart: from the index snapshot vs the full header scan.
 
 Builds a cache directory of real chunk files (``ChunkStore.write``, one-block
-payloads) for a three-group layout, then measures what ``HybridKVManager``
-does at start, minus vLLM: ``clean_temp``, then ``snapshot.restore`` (the
-snapshot checked against the directory, or every header read), then
-``ChunkIndex.load``. Each variant runs ``--repeat`` times (median reported,
-page cache warm):
+payloads) for a three-group layout, then times the whole start of
+``HybridKVManager`` (its ``__init__``: ``snapshot.restore`` with the stale
+temp-file cleanup, ``ChunkIndex.load``, the capacity policy, the budget check;
+no vLLM engine, fleet off), phase by phase from ``startup_seconds``. Each
+variant runs ``--repeat`` times (median reported, page cache warm):
 
-- ``full_scan``: no snapshot (every header read);
+- ``full_scan``: snapshots off (every header read);
 - ``snapshot``: the snapshot, names checked against the directory listing
-  (what the manager does; size/mtime are checked per chunk at its first HIT:
+  (size/mtime/position/parent are checked per chunk at its first HIT:
   ``recheck_us_per_key`` measures that);
-- ``snapshot_stat_all``: the same plus a ``stat`` of every file at start;
+- ``snapshot_stat_all``: ``restore(check_stats=True)`` + ``ChunkIndex.load``
+  (a ``stat`` of every file at start; not what the manager does);
 - ``snapshot_after_changes``: after some files were added, removed and
   rewritten since the snapshot (the result is checked against a full scan).
 
@@ -39,9 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from hybridkv.config import HybridKVConfig
 from hybridkv.groups import GroupKind, GroupSpec, HybridLayout
 from hybridkv.index import ChunkIndex
 from hybridkv.keys import make_key
+from hybridkv.policies import make_policy
 from hybridkv.store.chunk_store import ChunkStore
 from hybridkv.store.snapshot import full_scan, recheck, restore, write_snapshot
 
@@ -81,31 +84,62 @@ def build(store: ChunkStore, chunks: int, seed: int = 0) -> list[bytes]:
     return keys
 
 
-def start(store: ChunkStore, **kw) -> dict:
-    """What the manager does at start (minus vLLM), timed by phase."""
+def start(store: ChunkStore, *, snapshots: bool = True) -> dict:
+    """``HybridKVManager.__init__`` (minus vLLM), timed by phase."""
+    from hybridkv.vllm.manager import HybridKVManager  # imports vLLM: not timed
+
+    config = HybridKVConfig(cache_dir=str(store.paths.cache_dir), disk_budget=2**50,
+                            fleet="off", snapshot_interval=300.0 if snapshots else 0.0)
+    policy = make_policy(config.eviction_policy, store.layout)
     t0 = time.perf_counter()
-    store.clean_temp()
+    mgr = HybridKVManager(store, config, policy=policy)
+    total = time.perf_counter() - t0
+    phases = {f"{k}_s": v for k, v in mgr.startup_seconds.items() if k != "total"}
+    return {"total_s": total, **phases, "chunks": len(mgr.index),
+            "source": "snapshot" if mgr.counters.get("startup_from_snapshot") else "scan",
+            "unchecked": len(mgr._unchecked), "_index": mgr.index}
+
+
+def start_stat_all(store: ChunkStore) -> dict:
+    """``restore(check_stats=True)`` + ``ChunkIndex.load``: a ``stat`` of every file."""
+    t0 = time.perf_counter()
+    restored = restore(store, check_stats=True, clean_temp=True, log_every=3600)
     t1 = time.perf_counter()
-    restored = restore(store, log_every=3600, **kw)
-    t2 = time.perf_counter()
     index = ChunkIndex()
     index.load(restored.records, by_mtime=False)
-    t3 = time.perf_counter()
-    return {"total_s": t3 - t0, "clean_temp_s": t1 - t0, "restore_s": t2 - t1,
-            "index_load_s": t3 - t2, "chunks": len(index), "source": restored.source,
-            "kept": restored.kept, "added": restored.added, "dropped": restored.dropped,
-            "changed": restored.changed, "unchecked": len(restored.unchecked),
-            "_index": index, "_restored": restored}
+    t2 = time.perf_counter()
+    return {"total_s": t2 - t0, "restore_s": t1 - t0, "index_load_s": t2 - t1,
+            **{f"restore.{k}_s": v for k, v in restored.phases.items()},
+            "chunks": len(index), "source": restored.source, "kept": restored.kept,
+            "added": restored.added, "dropped": restored.dropped, "changed": restored.changed,
+            "unchecked": len(restored.unchecked), "_index": index}
 
 
-def median_run(store: ChunkStore, repeat: int, **kw) -> dict:
-    runs = [start(store, **kw) for _ in range(repeat)]
+def restored_counts(store: ChunkStore) -> dict:
+    """What ``restore`` found (kept, added, dropped): the manager logs but keeps no copy."""
+    r = restore(store, log_every=3600)
+    return {"kept": r.kept, "added": r.added, "dropped": r.dropped, "changed": r.changed}
+
+
+def median_run(run, repeat: int) -> dict:
+    runs = [run() for _ in range(repeat)]
     best = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]
-    out = {k: v for k, v in best.items() if not k.startswith("_")}
-    for phase in ("total_s", "clean_temp_s", "restore_s", "index_load_s"):
-        out[phase] = statistics.median(r[phase] for r in runs)
-    out["_index"], out["_restored"] = best["_index"], best["_restored"]
+    out = dict(best)
+    for phase in best:
+        if phase.endswith("_s"):
+            out[phase] = statistics.median(r.get(phase, 0.0) for r in runs)
     return out
+
+
+def phase_line(r: dict) -> str:
+    """``restore 0.123s (read .., validate .., ...), index_load ..`` of one variant."""
+    top = [k for k in r if k.endswith("_s") and k != "total_s" and "." not in k]
+    parts = []
+    for k in top:
+        subs = [s for s in r if s.startswith(k[:-2] + ".")]
+        inner = ", ".join(f"{s.split('.', 1)[1][:-2]} {r[s]:.3f}" for s in subs)
+        parts.append(f"{k[:-2]} {r[k]:.3f}s" + (f" ({inner})" if inner else ""))
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,9 +173,8 @@ def run(root: Path, n: int, repeat: int, out_path: str) -> int:
     scale = MILLION / n
     print(f"built {n} chunk files in {build_s:.1f}s under {root}")
 
-    scan = median_run(store, repeat, use_snapshot=False)
+    scan = median_run(lambda: start(store, snapshots=False), repeat)
     index = scan.pop("_index")
-    scan.pop("_restored")
 
     # taking a snapshot: records() on the scheduler thread, encode + write in the background
     t = time.perf_counter()
@@ -151,17 +184,22 @@ def run(root: Path, n: int, repeat: int, out_path: str) -> int:
     nbytes = write_snapshot(store, records)
     t_write = time.perf_counter() - t
 
-    snap = median_run(store, repeat)
+    snap = median_run(lambda: start(store), repeat)
     assert snap["source"] == "snapshot" and snap["chunks"] == n, snap
     assert snap.pop("_index").records() == records, "recency order lost"
-    unchecked = sorted(snap.pop("_restored").unchecked)
-    stat_all = median_run(store, repeat, check_stats=True)
-    stat_all.pop("_index"), stat_all.pop("_restored")
+    snap.update(restored_counts(store))
+    stat_all = median_run(lambda: start_stat_all(store), repeat)
+    stat_all.pop("_index")
 
-    # the per-key check a restored chunk gets before its first HIT
-    sample = [index.get(k) for k in unchecked[: min(len(unchecked), 5000)]]
+    # the per-key check a restored chunk gets before its first HIT: a stat only, and
+    # what the manager does (the header read too: position and parent compared)
+    sample = [index.get(k) for k in sorted(e.key for e in index)[: min(n, 5000)]]
     t = time.perf_counter()
     assert all(recheck(store, e.key, e.size, e.mtime_ns)[0] for e in sample)
+    recheck_stat_us = (time.perf_counter() - t) / len(sample) * 1e6
+    t = time.perf_counter()
+    assert all(recheck(store, e.key, e.size, e.mtime_ns, position=e.position,
+                       parent=e.parent)[0] for e in sample)
     recheck_us = (time.perf_counter() - t) / len(sample) * 1e6
 
     # files added, removed and rewritten since the snapshot
@@ -179,16 +217,18 @@ def run(root: Path, n: int, repeat: int, out_path: str) -> int:
         store.delete(key)
         store.write(key, position=rec.position, block_offset=0, parent=rec.parent,
                     arrays=[np.zeros((1, g.page_bytes), np.uint8)] * len(g.layer_names))
-    changes = median_run(store, repeat)
+    changes = median_run(lambda: start(store), repeat)
+    changes.update(restored_counts(store))
     truth = {(r.key, r.size, r.mtime_ns) for r in full_scan(store)}
-    got_index, got = changes.pop("_index"), changes.pop("_restored")
+    got_index = changes.pop("_index")
     assert {e.key for e in got_index} == {key for key, _, _ in truth}
-    assert (got.added, got.dropped) == (len(added), len(gone)), (got.added, got.dropped)
+    assert (changes["added"], changes["dropped"]) == (len(added), len(gone)), changes
     stale = [got_index.get(key) for key in rewritten]
-    fixed = [recheck(store, e.key, e.size, e.mtime_ns)[1] for e in stale]
+    fixed = [recheck(store, e.key, e.size, e.mtime_ns, position=e.position,
+                     parent=e.parent)[1] for e in stale]
     assert all(r is not None and (r.key, r.size, r.mtime_ns) in truth for r in fixed)
-    changes_stat = median_run(store, repeat, check_stats=True)
-    changes_stat.pop("_index"), changes_stat.pop("_restored")
+    changes_stat = median_run(lambda: start_stat_all(store), repeat)
+    changes_stat.pop("_index")
     assert changes_stat["changed"] == len(rewritten)
 
     x1m = snap["total_s"] * scale
@@ -200,13 +240,15 @@ def run(root: Path, n: int, repeat: int, out_path: str) -> int:
         "snapshot_after_changes_stat_all": changes_stat,
         "snapshot_bytes": nbytes, "snapshot_bytes_per_chunk": nbytes / n,
         "take_records_s": t_records, "encode_write_s": t_write,
-        "recheck_us_per_key": recheck_us,
+        "recheck_us_per_key": recheck_us, "recheck_stat_only_us_per_key": recheck_stat_us,
         "speedup_vs_full_scan": scan["total_s"] / snap["total_s"],
         "extrapolated_1M": {
             "note": f"linear extrapolation from {n} chunks (x{scale:g})",
             "restart_with_snapshot_s": x1m,
             "restart_with_snapshot_excluding_index_load_s":
                 (snap["total_s"] - snap["index_load_s"]) * scale,
+            "restart_with_snapshot_phases_s": {
+                k: v * scale for k, v in snap.items() if k.endswith("_s")},
             "restart_with_snapshot_stat_all_s": stat_all["total_s"] * scale,
             "restart_full_scan_s": scan["total_s"] * scale,
             "take_records_s": t_records * scale, "encode_write_s": t_write * scale,
@@ -216,20 +258,20 @@ def run(root: Path, n: int, repeat: int, out_path: str) -> int:
     print(f"{n} chunks, median of {repeat} (warm page cache):")
     for name in ("full_scan", "snapshot", "snapshot_stat_all"):
         r = figures[name]
-        print(f"  {name:18s} {r['total_s']:7.3f}s  (clean_temp {r['clean_temp_s']:.3f}s, "
-              f"restore {r['restore_s']:.3f}s, index.load {r['index_load_s']:.3f}s)")
+        print(f"  {name:18s} {r['total_s']:7.3f}s  {phase_line(r)}")
     c = figures["snapshot_after_changes"]
     print(f"  after +{k}/-{k}/~{k} files: {c['total_s']:.3f}s (kept {c['kept']}, "
           f"read {c['added']}, dropped {c['dropped']}; with stat_all {changes_stat['total_s']:.3f}s,"
           f" changed {changes_stat['changed']})")
     print(f"  snapshot: {nbytes / 2**20:.2f} MiB ({nbytes / n:.0f} B/chunk); records() "
           f"{t_records:.3f}s, encode+write {t_write:.3f}s; recheck at first HIT "
-          f"{recheck_us:.1f} us/key")
+          f"{recheck_us:.1f} us/key (stat only {recheck_stat_us:.1f})")
     e = figures["extrapolated_1M"]
     print(f"  at 1M chunks ({e['note']}): snapshot {x1m:.1f}s (without index.load "
           f"{e['restart_with_snapshot_excluding_index_load_s']:.1f}s), stat_all "
           f"{e['restart_with_snapshot_stat_all_s']:.1f}s, full scan "
           f"{e['restart_full_scan_s']:.1f}s; records() {e['take_records_s']:.2f}s")
+    print(f"  at 1M chunks, snapshot by phase: {phase_line(e['restart_with_snapshot_phases_s'])}")
     print(f"speedup_vs_full_scan: {figures['speedup_vs_full_scan']:.1f}x (same run)")
     met = x1m <= GOAL_RESTART_1M_S
     line = (f"target restart_with_snapshot_1M_extrapolated: {x1m:.2f} s "

@@ -234,7 +234,21 @@ BAD = {
     "parent_of_another_group": lambda d, s: _reencode(d, lambda sn: msgspec.structs.replace(
         sn, records=[msgspec.structs.replace(sn.records[-1], parent=sn.records[0].key[:-4]
                                              + b"\0\0\0\x09")] + sn.records[:-1])),
+    # values the index's columns cannot hold (a hand edit): never a crash at start
+    "size_out_of_range": lambda d, s: _reencode(d, lambda sn: _replace_first(sn, size=2**40)),
+    "negative_size": lambda d, s: _reencode(d, lambda sn: _replace_first(sn, size=-1)),
+    "position_out_of_range": lambda d, s: _reencode(
+        d, lambda sn: _replace_first(sn, position=2**31)),
+    "mtime_beyond_int64": lambda d, s: _reencode(
+        d, lambda sn: _replace_first(sn, mtime_ns=2**64 - 1)),
+    "short_key": lambda d, s: _reencode(d, lambda sn: msgspec.structs.replace(
+        sn, records=[ChunkRecord(b"\0\0\0\0", 0, 32, 10, None, 1)] + sn.records)),
 }
+
+
+def _replace_first(sn: Snapshot, **changes) -> Snapshot:
+    return msgspec.structs.replace(
+        sn, records=[msgspec.structs.replace(sn.records[0], **changes)] + sn.records[1:])
 
 
 def _reencode_raw(data: bytes, body: bytes) -> bytes:
@@ -293,6 +307,115 @@ def test_hand_edited_snapshot_never_hits_a_missing_or_changed_file(tmp_path):
     assert ghost_same_dir not in mgr.index and ghost_new_dir not in mgr.index
     assert_hits_are_true(store, mgr, keys + [ghost_same_dir, ghost_new_dir])
     assert mgr.counters.get("restored_chunks_changed") == 2
+
+
+def test_hand_edited_parent_or_position_is_corrected_at_the_first_hit(tmp_path):
+    """Size and mtime still match the file: only its header tells (found by hypothesis)."""
+    store, keys = make_store(tmp_path)
+    write_snapshot(store, full_scan(store))
+    other_parent = make_key(b"\x77" * 16, 0)  # same group, never stored
+
+    def edit(sn):
+        recs = list(sn.records)
+        by_key = {r.key: i for i, r in enumerate(recs)}
+        i, j = by_key[keys[3]], by_key[keys[4]]
+        recs[i] = msgspec.structs.replace(recs[i], parent=other_parent)
+        recs[j] = msgspec.structs.replace(recs[j], position=4096)
+        return msgspec.structs.replace(sn, records=recs)
+
+    path = store.paths.snapshot()
+    path.write_bytes(_reencode(path.read_bytes(), edit))
+    mgr = manager(store)
+    assert mgr.counters.get("startup_from_snapshot") == 1
+    assert mgr.index.get(keys[3]).parent == other_parent  # believed until its first HIT
+    assert_hits_are_true(store, mgr, keys)
+    assert mgr.counters.get("restored_chunks_changed") == 2
+
+
+def test_names_count_only_in_their_own_directory(tmp_path):
+    """A chunk file copied to another <hh> directory, a one-letter directory or another
+    group's directory is not where the store reads: its record is dropped."""
+    store, keys = make_store(tmp_path, 4)
+    write_snapshot(store, full_scan(store))
+    gone = keys[0]
+    data = store.path(gone).read_bytes()
+    name = store.path(gone).name
+    wrong_hh = "00" if name[:2] != "00" else "01"
+    other_group = store.paths.group_dir(1 if int.from_bytes(gone[-4:], "big") != 1 else 0)
+    for d in (store.paths.group_dir(0) / wrong_hh, store.paths.group_dir(0) / name[:1],
+              other_group / name[:2]):
+        d.mkdir(exist_ok=True)
+        (d / name).write_bytes(data)
+    store.delete(gone)
+    out = restore(store)
+    assert out.source == "snapshot" and (out.kept, out.dropped, out.added) == (len(keys) - 1, 1, 0)
+    assert gone not in {r.key for r in out.records}
+    assert_hits_are_true(store, manager(store), keys)
+
+
+def test_duplicate_records_keep_the_first(tmp_path):
+    store, keys = make_store(tmp_path, 2)
+    recs = full_scan(store)
+    dup = msgspec.structs.replace(recs[0], size=recs[0].size + 1)
+    write_snapshot(store, recs + [dup])
+    out = restore(store)
+    assert out.source == "snapshot" and (out.kept, out.dropped) == (len(keys), 1)
+    assert facts(out.records) == facts(recs)
+
+
+def test_keys_of_several_lengths(tmp_path):
+    """The column checks take a slower path when keys differ in length; same results."""
+    store, keys = make_store(tmp_path, 2)
+    longer = [make_key(b"\x05" * 28, g) for g in range(3)]
+    for i, key in enumerate(longer):
+        write_chunk(store, key, seed=50 + i)
+    write_snapshot(store, full_scan(store))
+    store.delete(keys[0])
+    out = restore(store)
+    assert out.source == "snapshot" and (out.kept, out.dropped) == (len(keys) + 2, 1)
+    assert facts(out.records) == facts(full_scan(store))
+    bad = [msgspec.structs.replace(r, group=(r.group + 1) % 3) if r.key == longer[0] else r
+           for r in full_scan(store)]
+    write_snapshot(store, bad)
+    assert restore(store).reason.startswith("snapshot ignored: record")
+
+
+def test_stale_temp_files_are_found_by_the_snapshot_listing(tmp_path, monkeypatch):
+    """With a snapshot the chunk directories are listed once: their temp files are
+    cleaned from that listing, every other directory by the usual walk."""
+    from hybridkv.store.fileio import tmp_name_prefix
+
+    store, keys = make_store(tmp_path, 2)
+    write_snapshot(store, full_scan(store))
+    host = tmp_name_prefix().split(".")[1]
+    leaf = store.path(keys[0]).parent
+    stale_leaf = leaf / f".{host}.999999999.1.x.safetensors.tmp"
+    stale_rank = store.paths.rank_dir() / f".{host}.999999999.2.index.snapshot.tmp"
+    stale_other = store.paths.group_dir(0) / "zz"  # not a <hh> directory: walked
+    stale_other.mkdir()
+    stale_other = stale_other / f".{host}.999999999.3.y.tmp"
+    alive = leaf / f".{host}.{os.getpid()}.4.y.safetensors.tmp"
+    for f in (stale_leaf, stale_rank, stale_other, alive):
+        f.write_bytes(b"x")
+    walked: list[str] = []
+    real_walk = os.walk
+
+    def spy(top, *a, **k):
+        for dirpath, dirs, files in real_walk(top, *a, **k):
+            walked.append(dirpath)
+            yield dirpath, dirs, files
+
+    monkeypatch.setattr(os, "walk", spy)
+    out = restore(store, clean_temp=True)
+    assert out.source == "snapshot" and out.tmp_removed == 3
+    assert not (stale_leaf.exists() or stale_rank.exists() or stale_other.exists())
+    assert alive.exists() and out.kept == len(keys)
+    assert str(leaf) not in walked and str(store.paths.rank_dir()) in walked
+    monkeypatch.setattr(os, "walk", real_walk)
+    stale_leaf.write_bytes(b"x")
+    mgr = manager(store)
+    assert mgr.counters.get("startup_tmp_removed") == 1 and not stale_leaf.exists()
+    assert {"restore", "index_load", "total"} <= set(mgr.startup_seconds)
 
 
 def test_a_file_claiming_a_huge_header_is_ignored_not_fatal(tmp_path):

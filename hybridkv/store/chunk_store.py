@@ -23,7 +23,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -255,28 +255,42 @@ class ChunkStore:
             for chunks in pool.map(self._scan_dir, dirs):
                 yield from chunks
 
-    def clean_temp(self, *, max_age: float = STALE_TMP_SECONDS) -> int:
-        """Remove temp files left by crashed writers. Returns how many."""
+    def clean_temp(self, *, max_age: float = STALE_TMP_SECONDS,
+                   skip: Collection[str] = ()) -> int:
+        """Remove temp files left by crashed writers. Returns how many.
+
+        Walks the layout directory, except the directories in ``skip`` (paths as
+        ``os.walk`` joins them: a caller that listed them passes the temp files it
+        found there to ``remove_stale_temp``).
+        """
+        skip = set(skip)
+        found: list[str] = []
+        for dirpath, dirs, files in os.walk(self.paths.layout_dir):
+            if skip:
+                dirs[:] = [d for d in dirs if os.path.join(dirpath, d) not in skip]
+            found += [os.path.join(dirpath, name) for name in files
+                      if name.startswith(".") and name.endswith(TMP_SUFFIX)]
+        return self.remove_stale_temp(found, max_age=max_age)
+
+    def remove_stale_temp(self, paths: Iterable[str], *,
+                          max_age: float = STALE_TMP_SECONDS) -> int:
+        """Remove those of ``paths`` (temp files) whose writer is gone or that are older
+        than ``max_age`` seconds. Returns how many."""
         removed = 0
-        mine = tmp_name_prefix()
-        host = mine.split(".")[1]
+        host = tmp_name_prefix().split(".")[1]
         now = time.time()
-        for dirpath, _dirs, files in os.walk(self.paths.layout_dir):
-            for name in files:
-                if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
-                    continue
-                path = os.path.join(dirpath, name)
-                parts = name.split(".")
-                stale = False
-                try:
-                    if len(parts) > 2 and parts[1] == host and parts[2].isdigit():
-                        stale = not _pid_alive(int(parts[2]))
-                    stale = stale or now - os.stat(path).st_mtime > max_age
-                    if stale:
-                        os.unlink(path)
-                        removed += 1
-                except OSError:
-                    continue
+        for path in paths:
+            parts = os.path.basename(path).split(".")
+            stale = False
+            try:
+                if len(parts) > 2 and parts[1] == host and parts[2].isdigit():
+                    stale = not _pid_alive(int(parts[2]))
+                stale = stale or now - os.stat(path).st_mtime > max_age
+                if stale:
+                    os.unlink(path)
+                    removed += 1
+            except OSError:
+                continue
         return removed
 
 

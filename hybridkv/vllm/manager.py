@@ -3,8 +3,8 @@
 Invariants:
 - ``lookup`` says HIT only for keys whose file is complete (in the index, or
   found on disk by a bounded refresh after a miss: another engine's store);
-  a key restored from the index snapshot only once one ``stat`` shows its
-  file's size and mtime unchanged (else its header is read again).
+  a key restored from the index snapshot only once its file's header and
+  stat show the record unchanged (else the index takes what the file says).
 - Keys prepared for load are pinned until ``complete_load``; eviction never
   removes a pinned key.
 - ``prepare_store`` never returns a key that is stored or being stored
@@ -68,21 +68,27 @@ class HybridKVManager(OffloadingManager):
         self._miss_checked: dict[bytes, float] = {}
         self._chunk_tokens = {g.index: g.chunk_tokens for g in self.layout.groups}
         self._prompt_tokens: dict[str, int] = {}  # request id -> prompt length
-        started = time.monotonic()
-        removed_tmp = store.clean_temp()
+        #: seconds each phase of the start took (``benchmarks/restart.py`` reports them)
+        self.startup_seconds: dict[str, float] = {}
+        started = time.perf_counter()
         self.index = ChunkIndex()
-        self._unchecked = self._restore_index()
+        self._unchecked, removed_tmp = self._restore_index()
+        mark = time.perf_counter()
         self.capacity = Capacity(self.index, policy or LRUPolicy(), config.disk_budget,
                                  headroom=config.eviction_headroom)
+        self.startup_seconds["capacity"] = time.perf_counter() - mark
         self.counters.add("startup_chunks", len(self.index))
         self.counters.add("startup_tmp_removed", removed_tmp)
         log.info("hybridkv: %d chunks (%.1f MiB) found in %s in %.2fs; %d stale temp files "
                  "removed; eviction policy %s", len(self.index),
                  self.index.bytes_stored / 2**20, store.paths.layout_dir,
-                 time.monotonic() - started, removed_tmp, self.capacity.policy.name)
+                 time.perf_counter() - started, removed_tmp, self.capacity.policy.name)
+        mark = time.perf_counter()
         self.fleet = self._fleet_start()
         self._delete(self.capacity.enforce())
         self.counters.flush(force=True)
+        self.startup_seconds["fleet_enforce_flush"] = time.perf_counter() - mark
+        self.startup_seconds["total"] = time.perf_counter() - started
 
     @property
     def policy(self) -> CapacityPolicy:
@@ -253,23 +259,31 @@ class HybridKVManager(OffloadingManager):
         self.counters.flush(force=True)
 
     # ------------------------------------------------------------------ snapshots
-    def _restore_index(self) -> set[bytes]:
-        """Fill the index from the snapshot checked against the directory, else a full scan.
+    def _restore_index(self) -> tuple[set[bytes], int]:
+        """Fill the index from the snapshot checked against the directory, else a full scan;
+        remove stale temp files on the way.
 
-        Returns the keys whose file size/mtime must be rechecked before their first HIT.
+        Returns the keys whose file size/mtime must be rechecked before their first HIT,
+        and how many temp files were removed.
         """
         interval = self.config.snapshot_interval
         self._snapshots = SnapshotWriter(self.store, interval) if interval > 0 else None
-        restored = restore(self.store, use_snapshot=interval > 0)
+        t0 = time.perf_counter()
+        restored = restore(self.store, use_snapshot=interval > 0, clean_temp=True)
+        t1 = time.perf_counter()
         self.index.load(restored.records, by_mtime=False)
+        t2 = time.perf_counter()
+        self.startup_seconds.update(restore=t1 - t0, index_load=t2 - t1)
+        self.startup_seconds.update({f"restore.{k}": v for k, v in restored.phases.items()})
         self.counters.add("startup_from_snapshot", int(restored.source == "snapshot"))
-        return restored.unchecked
+        return restored.unchecked, restored.tmp_removed
 
     def _recheck(self, key: bytes) -> bool:
         """First HIT of a chunk restored from a snapshot: is its file what the index says?"""
         self._unchecked.discard(key)
         entry = self.index.get(key)
-        same, record = recheck(self.store, key, entry.size, entry.mtime_ns)
+        same, record = recheck(self.store, key, entry.size, entry.mtime_ns,
+                               position=entry.position, parent=entry.parent)
         if same:
             return True
         if record is None:  # gone or unusable: forget it (as after a failed load)
