@@ -54,7 +54,7 @@ __all__ = ["HitPoints", "Point", "FAR"]
 FAR = 1 << 62
 #: a chunk shared by at least this many hit points: a change in how many share it moves
 #: each one's density by under 1/SHARED, so they are not all refreshed for it
-SHARED = 16
+SHARED = 64
 #: nodes a gap search or a refresh walk below one point visits at most
 WALK_LIMIT = 256
 
