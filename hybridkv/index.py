@@ -3,7 +3,7 @@
 Layout (struct of arrays): every chunk the index knows, stored or being stored
 (*pending*), owns a *slot*; ``_slot`` maps its key to the slot and each field is
 one ``array.array`` column indexed by slot (group, position, size, parent slot,
-first child / next sibling links, two logical clocks, file mtime, flags);
+newest child / next sibling links (a circular list per parent), two logical clocks, file mtime, flags);
 facts few chunks have (pins of loads in flight, when a hit last ended
 there) live in small dicts. Columns grow by doubling and freed slots are reused, so a million
 chunks cost one key object, one dict entry, one int and ~45 bytes of columns
@@ -175,12 +175,17 @@ class ChunkIndex:
         return self._orphan_parent.get(slot)
 
     def child_slots(self, slot: int) -> Iterator[int]:
-        """Slots of the present (stored or pending) chunks that extend ``slot``."""
-        c = self._child[slot]
+        """Slots of the present (stored or pending) chunks that extend ``slot``, oldest first."""
+        tail = self._child[slot]
+        if tail == _NONE:
+            return
         sibling = self._sibling
-        while c != _NONE:
+        c = sibling[tail]
+        while True:
             nxt = sibling[c]
             yield c
+            if c == tail:
+                return
             c = nxt
 
     def companions(self, key: bytes) -> dict[int, bytes]:
@@ -384,8 +389,8 @@ class ChunkIndex:
         self._groups.update(r.group for r in unique)
         capacity = len(self._flags)
         self._free = array("i", range(capacity - 1, n - 1, -1))
-        parent, child, sibling, slot_of = self._parent, self._child, self._sibling, first.get
-        for c in range(n - 1, -1, -1):  # children end up in slot order
+        slot_of, append = first.get, self._append_child
+        for c in range(n):  # children in slot (= load) order
             pk = unique[c].parent
             if pk is None:
                 continue
@@ -394,9 +399,7 @@ class ChunkIndex:
                 self._orphan_parent[c] = pk
                 self._orphans.setdefault(pk, set()).add(c)
                 continue
-            parent[c] = p
-            sibling[c] = child[p]
-            child[p] = c
+            append(p, c)
         self._stored += n
         self.bytes_stored += sum(sizes)
         return n
@@ -467,27 +470,22 @@ class ChunkIndex:
         # children that were waiting for this key
         waiting = self._orphans.pop(key, None)
         if waiting:
-            for c in waiting:
+            for c in sorted(waiting):
                 del self._orphan_parent[c]
-                self._parent[c] = slot
-                self._sibling[c] = self._child[slot]
-                self._child[slot] = c
+                self._append_child(slot, c)
         return slot
 
     def _free_slot(self, slot: int) -> None:
         key = self._keys[slot]
         self._unlink(slot)
         # present children now wait for this key again
-        c = self._child[slot]
-        if c != _NONE:
+        if self._child[slot] != _NONE:
             waiting = self._orphans.setdefault(key, set())  # type: ignore[arg-type]
-            while c != _NONE:
-                nxt = self._sibling[c]
+            for c in list(self.child_slots(slot)):
                 self._parent[c] = _NONE
                 self._sibling[c] = _NONE
                 self._orphan_parent[c] = key  # type: ignore[assignment]
                 waiting.add(c)
-                c = nxt
         self._child[slot] = _NONE
         del self._slot[key]  # type: ignore[arg-type]
         self._keys[slot] = None
@@ -506,23 +504,35 @@ class ChunkIndex:
             self._orphan_parent[slot] = parent
             self._orphans.setdefault(parent, set()).add(slot)
             return
-        self._parent[slot] = p
-        self._sibling[slot] = self._child[p]
-        self._child[p] = slot
+        self._append_child(p, slot)
+
+    def _append_child(self, p: int, c: int) -> None:
+        """Children form a circular list; ``_child[p]`` is its newest (tail) entry, so the
+        oldest child, the one eviction removes first, is unlinked in O(1)."""
+        sibling = self._sibling
+        self._parent[c] = p
+        tail = self._child[p]
+        if tail == _NONE:
+            sibling[c] = c
+        else:
+            sibling[c] = sibling[tail]
+            sibling[tail] = c
+        self._child[p] = c
 
     def _unlink(self, slot: int) -> None:
         p = self._parent[slot]
         if p != _NONE:
-            c = self._child[p]
-            if c == slot:
-                self._child[p] = self._sibling[slot]
+            sibling = self._sibling
+            tail = self._child[p]
+            if sibling[slot] == slot:  # the only child
+                self._child[p] = _NONE
             else:
-                while c != _NONE:
-                    nxt = self._sibling[c]
-                    if nxt == slot:
-                        self._sibling[c] = self._sibling[slot]
-                        break
-                    c = nxt
+                pred = tail
+                while sibling[pred] != slot:  # from the tail: the oldest child comes first
+                    pred = sibling[pred]
+                sibling[pred] = sibling[slot]
+                if tail == slot:
+                    self._child[p] = pred
         else:
             key = self._orphan_parent.pop(slot, None)
             if key is not None:
