@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+
+from report import print_targets, save
 
 GROUPS = 3
 CHAIN = 64  # chunks per prefix chain (a 16K-token prompt of 256-token chunks)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"HybridKVManager.lookup over {looks['chunks']:,} chunks: "
           f"{looks['hit_lookups_per_s'] / 1e6:.2f}M hits/s, "
           f"{looks['miss_lookups_per_s'] / 1e6:.2f}M misses/s")
-    scale_note = "" if n >= 1_000_000 else f" (measured at {n:,} chunks, not 1M)"
+    scale_note = "" if n >= 1_000_000 else f" (measured at {mem['chunks']:,} chunks, not 1M)"
     targets = {
         "index_bytes_per_chunk": {
             "figure": round(mem["bytes_per_chunk"], 1), "goal": "<= 200",
@@ -144,17 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
             "figure": round(looks["hit_lookups_per_s"]), "goal": ">= 1000000",
             "met": looks["hit_lookups_per_s"] >= 1e6, "chunks": looks["chunks"]},
     }
-    for name, t in targets.items():
-        print(f"target {name}: {t['figure']} (goal {t['goal']}) "
-              f"{'MET' if t['met'] else 'MISSED'}{scale_note}")
-    doc = {"benchmark": "index_scale", "quick": args.quick, "command": sys.argv,
-           "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                       "cpus": os.cpu_count()},
-           "memory": mem, "lookups": looks, "targets": targets,
-           "wall_s": time.perf_counter() - started}
-    args.out.write_text(json.dumps(doc, indent=1))
-    print(f"saved {args.out} ({doc['wall_s']:.1f} s)")
-    return doc
+    print_targets(targets, scale_note)
+    return save(args.out, "index_scale", quick=args.quick, started=started,
+                memory=mem, lookups=looks, targets=targets)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ Targets: decision at the largest size <= 2x the decision at 10K; group_aware rep
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from report import print_targets, save
 
 from hybridkv.capacity import DEFAULT_HEADROOM, Capacity
 from hybridkv.index import ChunkIndex
@@ -182,19 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
         "figure": round(worst["time_ratio"], 2), "goal": "<= 2.0",
         "met": worst["time_ratio"] <= 2.0,
         "worst_cell": f"{worst['model']} @{worst['budget_fraction']:.0%} ({worst['trace']})"}
-    for tname, t in targets.items():
-        extra = f" (worst: {t['worst_cell']})" if "worst_cell" in t else ""
-        print(f"target {tname}: {t['figure']} (goal {t['goal']}) "
-              f"{'MET' if t['met'] else 'MISSED'}{extra}")
-
-    doc = {"benchmark": "policy_overhead", "quick": args.quick, "command": sys.argv,
-           "machine": {"platform": platform.platform(), "python": platform.python_version()},
-           "decisions": scaling, "replays": replays, "targets": targets,
-           "wall_s": time.perf_counter() - started}
-    args.out.write_text(json.dumps(doc, indent=1))
-    print(f"saved {args.out} ({doc['wall_s']:.1f} s)")
-    return doc
-
+    print_targets(targets)
+    return save(args.out, "policy_overhead", quick=args.quick, started=started,
+                decisions=scaling, replays=replays, targets=targets)
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,8 @@ agree with it on every structure at every decision of a replay, and name the sam
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -42,9 +44,11 @@ def _compare(policy: GroupAwarePolicy, index, needed, protect, expendable, seen:
     seen.append(needed)
 
 
-@pytest.fixture
-def compared(monkeypatch):
-    """Every group-aware decision is checked against the scan-based analysis first."""
+@contextlib.contextmanager
+def comparing():
+    """Within: every group-aware decision is first checked against the scan-based analysis.
+
+    Yields the list of decisions checked (their ``needed`` bytes)."""
     seen: list = []
     original = GroupAwarePolicy.victims
 
@@ -53,8 +57,17 @@ def compared(monkeypatch):
         return original(self, index, needed, protect, expendable=expendable)
 
     checked.__wrapped__ = original
-    monkeypatch.setattr(GroupAwarePolicy, "victims", checked)
-    return seen
+    GroupAwarePolicy.victims = checked
+    try:
+        yield seen
+    finally:
+        GroupAwarePolicy.victims = original
+
+
+@pytest.fixture
+def compared():
+    with comparing() as seen:
+        yield seen
 
 
 @pytest.mark.parametrize("trace_name,model,fraction", [
@@ -96,21 +109,10 @@ def tiny_traces(draw):
 @given(trace=tiny_traces(), model=st.sampled_from(sorted(SIM_MODELS)),
        fraction=st.sampled_from([0.1, 0.2, 0.35]))
 def test_decisions_equal_the_scan_on_random_traces(trace, model, fraction):
-    seen: list = []
-    original = GroupAwarePolicy.victims
-
-    def checked(self, index, needed, protect=(), *, expendable=0):
-        _compare(self, index, needed, protect, expendable, seen)
-        return original(self, index, needed, protect, expendable=expendable)
-
-    checked.__wrapped__ = original
-    GroupAwarePolicy.victims = checked
-    try:
-        sim = SIM_MODELS[model]
-        budget = max(1, int(working_set_bytes(trace, sim) * fraction))
+    sim = SIM_MODELS[model]
+    budget = max(1, int(working_set_bytes(trace, sim) * fraction))
+    with comparing() as seen:
         replay(trace, sim, "group_aware", budget, check=True)
-    finally:
-        GroupAwarePolicy.victims = original
     DECISIONS.append(len(seen))
 
 
