@@ -26,7 +26,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from report import print_targets, save
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, run or imported
+from report import print_targets, save  # noqa: E402
 
 GROUPS = 3
 CHAIN = 64  # chunks per prefix chain (a 16K-token prompt of 256-token chunks)

@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from report import print_targets, save
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, run or imported
+from report import print_targets, save  # noqa: E402
 
 from hybridkv.capacity import DEFAULT_HEADROOM, Capacity
 from hybridkv.index import ChunkIndex
