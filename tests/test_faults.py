@@ -518,7 +518,10 @@ def test_sigkill_mid_store_then_two_engines_restart_on_one_dir(model, baseline, 
     # the killed engine's temp files were removed at start, nothing else is left
     removed = sum(r["final_stats"]["all"].get("startup_tmp_removed", 0) for r in reports)
     assert removed == len(temps)
-    assert temp_files(layout_dir) == []
+    # no chunk temp file is left. A restarted engine's own index-snapshot temp may be: the
+    # snapshot is written as the engine shuts down, and vLLM may end the engine process in
+    # the middle of it (seen once in CI); the next start removes it (its writer is dead)
+    assert [t for t in temp_files(layout_dir) if not t.name.endswith(".index.snapshot.tmp")] == []
     assert not (layout_dir / "quarantine").exists()
     total = verify_every_chunk(cache)
     # both engines wrote some of the same chunks at the same time: they wrote more bytes
