@@ -109,7 +109,3 @@ class CapacityPolicy(ABC):
         """
         return []
 
-
-def unpinned(index: ChunkIndex, protect: Collection[bytes]):
-    """Stored entries that may be evicted."""
-    return (e for e in index if not e.pins and e.key not in protect)

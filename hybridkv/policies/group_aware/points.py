@@ -285,7 +285,6 @@ class HitPoints:
         their slots are still valid.
         """
         self._settle_points()
-        ix = self.index
         affected = set(self.needed_by.get(slot, ()))
         if slot in self.points:
             affected.add(slot)
@@ -308,7 +307,6 @@ class HitPoints:
         self._stale.discard(slot)
         for pending in (self._arrived, self._touched, self._unspared, self._hits):
             pending.discard(slot)
-        del ix
 
     def _settle_points(self) -> None:
         """Apply what changed since the last call: touches, arrivals and departures' points."""

@@ -85,7 +85,6 @@ class GroupAwarePolicy(CapacityPolicy):
         self._groups = {g.index: g for g in layout.groups}
         self.spine_groups = frozenset(g.index for g in full)
         self._points: HitPoints | None = None
-        self._index: ChunkIndex | None = None
 
     # ------------------------------------------------------------------ state
     def attach(self, index: ChunkIndex) -> None:
@@ -98,7 +97,6 @@ class GroupAwarePolicy(CapacityPolicy):
         if self._points is not None and self._points.index is not index:
             self._points.index.unsubscribe(self._points)
             self._points = None
-        self._index = index
 
     def hit_points(self, index: ChunkIndex) -> HitPoints:
         """The incrementally kept hit points of ``index`` (built on first use)."""
