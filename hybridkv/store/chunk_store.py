@@ -14,6 +14,11 @@ Invariants:
   ``ChunkTooNew``.
 - The store never loads a file of another layout fingerprint: the fingerprint
   names the directory and is checked again in every header.
+- ``read_into`` fills the caller's buffer and returns views into it only after
+  every check passed; on failure the buffer holds unverified bytes that no
+  returned object refers to.
+- With an integrity key, every file written carries its keyed tag and a file
+  without a valid one is ``ChunkUntrusted`` (quarantined, never served).
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
+import xxhash
 
 from hybridkv.chunks import ChunkRecord
 from hybridkv.groups import HybridLayout
 from hybridkv.keys import ChunkKey, key_from_hex, key_group, key_hex
+from hybridkv.store.direct import DIRECT_ALIGN, StagingBuffers, align_up, aligned_empty
 from hybridkv.store.fileio import FileIO, tmp_name_prefix
 from hybridkv.store.format import (
     FORMAT_VERSION,
@@ -42,10 +49,11 @@ from hybridkv.store.format import (
     ChunkTooNew,
     MAX_HEADER_BYTES,
     ChunkUnreadable,
-    decode,
-    encode,
+    build_head,
     read_header,
+    verify,
 )
+from hybridkv.store.integrity import Tagger
 from hybridkv.store.paths import CHUNK_SUFFIX, TMP_SUFFIX, ChunkPaths
 
 __all__ = ["ChunkStore", "StoredChunk", "ChunkRecord"]
@@ -53,6 +61,11 @@ __all__ = ["ChunkStore", "StoredChunk", "ChunkRecord"]
 log = logging.getLogger(__name__)
 
 _HEADER_PROBE_BYTES = 64 * 1024
+#: payload slices hashed (and, in direct mode, copied) at a time: cache-sized
+_SLICE_BYTES = 1 << 20
+#: JSON header bound beyond what a maximal header of the group encodes to
+_HEADER_SLACK = 1024
+_MAX_KEY_HEX = 256  # bound on the hex length of a key or parent (vLLM's are 64 + 8)
 #: temp files of a dead process, or older than this, are removed at start
 STALE_TMP_SECONDS = 3600.0
 
@@ -63,11 +76,19 @@ StoredChunk = ChunkRecord
 
 class ChunkStore:
     def __init__(self, cache_dir: str | Path, layout: HybridLayout, *, rank: int = 0,
-                 io: FileIO | None = None):
+                 io: FileIO | None = None, io_mode: str | None = None,
+                 integrity_key: bytes | None = None):
+        """``io_mode`` ("buffered" | "direct") overrides the mode of ``io`` (which the
+        store then owns); ``integrity_key``: tag every file and serve only tagged ones."""
         self.layout = layout
         self.fingerprint = layout.fingerprint
         self.paths = ChunkPaths(cache_dir, self.fingerprint, rank)
         self.io = io or FileIO()
+        if io_mode is not None:
+            self.io.io_mode = io_mode
+        self.tagger = Tagger(integrity_key) if integrity_key else None
+        self._staging = StagingBuffers()
+        self._max_file_bytes: dict[int, int] = {}
 
     # ------------------------------------------------------------------ setup
     def ensure_dirs(self) -> None:
@@ -126,25 +147,107 @@ class ChunkStore:
         path = self.path(key)
         if path.exists():
             return 0
+        if len(arrays) != len(group.layer_names):
+            raise ValueError(f"group {group.index}: {len(arrays)} arrays for "
+                             f"{len(group.layer_names)} layers")
+        num_blocks = int(arrays[0].shape[0]) if arrays else 0
+        for i, arr in enumerate(arrays):
+            if arr.dtype != np.uint8 or arr.ndim != 2 or arr.shape[0] != num_blocks:
+                raise ValueError(f"layer {i}: payloads must be uint8[num_blocks, page_bytes], "
+                                 f"got {arr.dtype}{list(arr.shape)}")
         header = ChunkHeader(
             version=FORMAT_VERSION, fingerprint=self.fingerprint, key=key_hex(key),
             group=group.index, kind=group.kind.value, position=position,
             chunk_tokens=group.chunk_tokens, block_offset=block_offset,
-            num_blocks=int(arrays[0].shape[0]) if arrays else 0,
+            num_blocks=num_blocks,
             page_bytes=tuple(int(a.shape[1]) for a in arrays),
             layer_names=group.layer_names, window_tokens=group.window_tokens,
             parent=key_hex(parent) if parent is not None else None,
+            checksum="0" * 16, tag="0" * 64 if self.tagger else "",
         )
-        buffers = encode(header, arrays)
-        self.io.write_atomic(path, buffers)
-        return sum(b.nbytes for b in buffers)
+        views = [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays]
+        payload_bytes = sum(v.nbytes for v in views)
+        direct = self.io.direct
+        # placeholder hex fields have the final widths: the head's length is final
+        head_len = len(build_head(header, header.page_bytes, num_blocks,
+                                  align_total=DIRECT_ALIGN if direct else 0))
+        hasher = xxhash.xxh3_64()
+        mac = self.tagger.start() if self.tagger else None
+        if direct:  # one aligned buffer: copy and hash each slice while it is in cache
+            total = head_len + payload_bytes
+            staging = self._staging.get(total)
+            dst = memoryview(staging)
+            pos = head_len
+            for v in views:
+                for lo in range(0, v.nbytes, _SLICE_BYTES):
+                    part = v[lo:lo + _SLICE_BYTES]
+                    dst[pos:pos + part.nbytes] = part
+                    hasher.update(dst[pos:pos + part.nbytes])
+                    if mac is not None:
+                        mac.update(dst[pos:pos + part.nbytes])
+                    pos += part.nbytes
+        else:
+            for v in views:
+                hasher.update(v)
+                if mac is not None:
+                    mac.update(v)
+        header = msgspec.structs.replace(header, checksum=hasher.hexdigest(), tag="")
+        if mac is not None:
+            header = msgspec.structs.replace(header, tag=self.tagger.finish(mac, header))
+        head = build_head(header, header.page_bytes, num_blocks,
+                          align_total=DIRECT_ALIGN if direct else 0)
+        if len(head) != head_len:  # pragma: no cover - fixed-width fields
+            raise AssertionError("chunk header changed length")
+        if direct:
+            dst[:head_len] = head
+            self.io.write_atomic(path, dst[:total])
+        else:
+            self.io.write_atomic(path, [memoryview(head), *views])
+        return head_len + payload_bytes
+
+    def max_file_bytes(self, group_index: int) -> int:
+        """Upper bound of one chunk file of ``group_index`` (header included), rounded up
+        to ``DIRECT_ALIGN``: a buffer this large holds any valid chunk of the group."""
+        bound = self._max_file_bytes.get(group_index)
+        if bound is None:
+            group = self.layout.group(group_index)
+            big = 10**19  # widest integer any field may carry
+            layers = len(group.layer_names)
+            header = ChunkHeader(
+                version=FORMAT_VERSION, fingerprint=self.fingerprint, key="f" * _MAX_KEY_HEX,
+                group=group.index, kind=group.kind.value, position=big,
+                chunk_tokens=group.chunk_tokens, block_offset=big,
+                num_blocks=group.blocks_per_chunk, page_bytes=(group.page_bytes,) * layers,
+                layer_names=group.layer_names, window_tokens=group.window_tokens,
+                parent="f" * _MAX_KEY_HEX, checksum="0" * 16, tag="0" * 64)
+            head = build_head(header, header.page_bytes, big)  # widest offsets
+            payload = group.blocks_per_chunk * group.page_bytes * layers
+            bound = align_up(len(head) + _HEADER_SLACK + payload)
+            self._max_file_bytes[group_index] = bound
+        return bound
 
     def read(self, key: bytes) -> tuple[ChunkHeader, list[np.ndarray]]:
-        """Verified payload, or ChunkMissing / ChunkCorrupt / ChunkUnreadable / ChunkTooNew."""
+        """Verified payload, or ChunkMissing / ChunkCorrupt / ChunkUnreadable / ChunkTooNew.
+
+        The arrays are views into a new buffer of ``max_file_bytes`` (only the
+        file's pages are touched)."""
+        return self.read_into(key, aligned_empty(self.max_file_bytes(key_group(key))))
+
+    def read_into(self, key: bytes, buf) -> tuple[ChunkHeader, list[np.ndarray]]:
+        """Read, verify and return the chunk as views INTO ``buf``.
+
+        ``buf``: writable C-contiguous bytes (buffer protocol) of at least
+        ``max_file_bytes(group)``; page-aligned for O_DIRECT. Raises what ``read``
+        raises, and ValueError for a buffer too small for the file.
+        """
         group = self.layout.group(key_group(key))
         path = self.path(key)
+        view = memoryview(buf)
+        if view.readonly or not view.c_contiguous:
+            raise ValueError("read_into needs a writable, C-contiguous buffer")
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
         try:
-            data = self.io.read_all(path)
+            size, got = self.io.read_into(path, view)
         except FileNotFoundError as exc:
             raise ChunkMissing(f"no chunk file {path.name}") from exc
         except OSError as exc:
@@ -154,10 +257,18 @@ class ChunkStore:
                 self.quarantine(key, f"read failed: {exc}")
             raise ChunkUnreadable(f"cannot read {path.name}: {exc}") from exc
         try:
-            return decode(data, fingerprint=self.fingerprint, key=key_hex(key),
-                          group=group.index, kind=group.kind.value,
-                          chunk_tokens=group.chunk_tokens,
-                          layer_names=group.layer_names)
+            if size > len(view):
+                if len(view) < self.max_file_bytes(group.index):
+                    raise ValueError(f"buffer of {len(view)} bytes is smaller than "
+                                     f"max_file_bytes({group.index})")
+                raise ChunkCorrupt(f"file of {size} bytes exceeds any chunk of group "
+                                   f"{group.index}")
+            if got != size:
+                raise ChunkCorrupt(f"read {got} of {size} bytes (file changed under us)")
+            return verify(view[:size], dict(
+                fingerprint=self.fingerprint, key=key_hex(key), group=group.index,
+                kind=group.kind.value, chunk_tokens=group.chunk_tokens,
+                layer_names=group.layer_names), self.tagger)
         except ChunkCorrupt as exc:
             self.quarantine(key, str(exc))
             raise

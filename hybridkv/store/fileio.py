@@ -10,10 +10,19 @@ Invariants:
   re-raised.
 - ``durability="full"`` also fsyncs the directory so the rename survives a
   power loss.
+- ``io_mode="direct"`` opens with O_DIRECT exactly when the buffer allows it
+  (one page-aligned buffer of whole pages to write; a page-aligned buffer
+  with room for the file rounded up to a page to read); otherwise, and for good
+  once a filesystem answers EINVAL (tmpfs, overlayfs, some NFS), it uses
+  buffered I/O and logs that once. The bytes on disk are the same either way.
+- Every read of file contents first calls ``_before_read(op, path)`` (a no-op
+  hook; fault-injecting subclasses override it).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import socket
 import threading
@@ -21,10 +30,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["Durability", "FileIO", "tmp_name_prefix"]
+from hybridkv.store.direct import O_DIRECT, align_up, is_aligned
+
+__all__ = ["Durability", "FileIO", "IO_MODE_CHOICES", "tmp_name_prefix"]
+
+log = logging.getLogger(__name__)
 
 Durability = Literal["none", "data", "full"]
 DURABILITY_CHOICES: tuple[str, ...] = ("none", "data", "full")
+IO_MODE_CHOICES: tuple[str, ...] = ("buffered", "direct")
+_IOV_MAX = 1024
 
 _HOST = socket.gethostname().replace(".", "_")[:32]
 _counter = 0
@@ -38,12 +53,35 @@ def tmp_name_prefix() -> str:
 
 class FileIO:
     def __init__(self, durability: Durability = "none", file_mode: int = 0o600,
-                 dir_mode: int = 0o700):
+                 dir_mode: int = 0o700, io_mode: str = "buffered"):
         if durability not in DURABILITY_CHOICES:
             raise ValueError(f"durability must be one of {DURABILITY_CHOICES}, got {durability!r}")
         self.durability = durability
         self.file_mode = file_mode
         self.dir_mode = dir_mode
+        self.io_mode = io_mode
+        self.direct_refused = False  # a filesystem answered EINVAL to O_DIRECT
+
+    @property
+    def io_mode(self) -> str:
+        return self._io_mode
+
+    @io_mode.setter
+    def io_mode(self, mode: str) -> None:
+        if mode not in IO_MODE_CHOICES:
+            raise ValueError(f"io_mode must be one of {IO_MODE_CHOICES}, got {mode!r}")
+        self._io_mode = mode
+
+    @property
+    def direct(self) -> bool:
+        """Whether O_DIRECT is attempted at all."""
+        return self._io_mode == "direct" and bool(O_DIRECT) and not self.direct_refused
+
+    def _refuse_direct(self, path: Path, exc: OSError) -> None:
+        if not self.direct_refused:
+            self.direct_refused = True
+            log.warning("hybridkv: io_mode='direct' but the filesystem of %s refuses O_DIRECT "
+                        "(%s); using buffered I/O", path.parent, exc.strerror)
 
     def makedirs(self, path: Path) -> None:
         os.makedirs(path, mode=self.dir_mode, exist_ok=True)
@@ -55,25 +93,40 @@ class FileIO:
             _counter += 1
             n = _counter
         tmp = path.with_name(f"{tmp_name_prefix()}{n}.{path.name}.tmp")
+        bufs = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        direct = self.direct and len(bufs) == 1 and is_aligned(memoryview(bufs[0]))
+        if direct:
+            flags |= O_DIRECT
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
+            fd = os.open(tmp, flags, self.file_mode)
         except FileNotFoundError:
             self.makedirs(path.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
+            fd = os.open(tmp, flags, self.file_mode)
+        except OSError as exc:
+            if not direct or exc.errno != errno.EINVAL:
+                raise
+            self._refuse_direct(path, exc)
+            return self.write_atomic(path, data)
         try:
             try:
-                for buf in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
-                    self._write_all(fd, memoryview(buf))
+                if len(bufs) == 1:
+                    self._write_all(fd, memoryview(bufs[0]))
+                else:
+                    self._write_buffers(fd, [memoryview(b).cast("B") for b in bufs])
                 if self.durability != "none":
                     os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+            if direct and isinstance(exc, OSError) and exc.errno == errno.EINVAL:
+                self._refuse_direct(path, exc)
+                return self.write_atomic(path, data)
             raise
         if self.durability == "full":
             self.fsync_dir(path.parent)
@@ -86,10 +139,66 @@ class FileIO:
                 raise OSError("short write")
             view = view[n:]
 
+    def _write_buffers(self, fd: int, views: list[memoryview]) -> None:
+        """Write ``views`` in order with as few ``pwritev`` calls as the kernel allows."""
+        offset = 0
+        while views:
+            n = os.pwritev(fd, views[:_IOV_MAX], offset)
+            offset += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views = views[1:]
+            if n:
+                views[0] = views[0][n:]
+
     def fsync_dir(self, path: Path) -> None:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _before_read(self, op: str, path: Path) -> None:
+        """Hook called before every read of file contents (fault injection overrides it)."""
+
+    def read_into(self, path: Path, buf: memoryview) -> tuple[int, int]:
+        """Read the whole file at ``path`` into the start of ``buf`` (flat bytes).
+
+        Returns ``(file size, bytes read)``: nothing is read when the file does not
+        fit; fewer bytes than the size only if the file changed while being read.
+        Raises FileNotFoundError when it is gone, OSError on I/O errors.
+        """
+        self._before_read("read", Path(path))
+        direct = self.direct and len(buf) % 4096 == 0 and is_aligned(buf[:4096])
+        try:
+            fd = os.open(path, os.O_RDONLY | (O_DIRECT if direct else 0))
+        except OSError as exc:
+            if not direct or exc.errno != errno.EINVAL:
+                raise
+            self._refuse_direct(Path(path), exc)
+            direct = False
+            fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size > len(buf):
+                return size, 0
+            want = min(align_up(size), len(buf)) if direct else size
+            got = 0
+            while got < size:
+                try:
+                    n = os.preadv(fd, [buf[got:want]], got)
+                except OSError as exc:
+                    if not direct or exc.errno != errno.EINVAL:
+                        raise
+                    self._refuse_direct(Path(path), exc)
+                    os.close(fd)
+                    fd = os.open(path, os.O_RDONLY)
+                    direct, want = False, size
+                    continue
+                if n <= 0:
+                    break
+                got += n
+            return size, min(got, size)
         finally:
             os.close(fd)
 

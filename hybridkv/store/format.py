@@ -13,6 +13,14 @@ Invariants:
   ``ChunkCorrupt`` (a subclass of ``ChunkError``). There is no partial result.
 - A header from a newer ``FORMAT_VERSION`` is never interpreted: it raises
   ``ChunkTooNew`` (not ``ChunkCorrupt``: the file is fine, this reader is old).
+- The layer tensors lie back to back in layer order right after the JSON
+  header (``verify`` refuses any other table), so the payload is one
+  contiguous byte range that one checksum pass covers.
+- The JSON header may end in spaces (safetensors allows it): files written for
+  O_DIRECT pad it so the whole file is a multiple of ``DIRECT_ALIGN`` bytes.
+  Readers of format 1 accept both; the format version is unchanged.
+- ``tag`` (optional) is a keyed MAC over payload and header (see
+  ``hybridkv.store.integrity``); readers without a key ignore it.
 """
 
 from __future__ import annotations
@@ -35,7 +43,11 @@ __all__ = [
     "ChunkMissing",
     "ChunkTooNew",
     "ChunkUnreadable",
+    "ChunkUntrusted",
+    "DIRECT_ALIGN",
+    "build_head",
     "checksum",
+    "verify",
     "encode",
     "decode",
     "read_header",
@@ -45,6 +57,8 @@ FORMAT_VERSION = 1
 META_KEY = "hybridkv"
 #: the largest header a reader accepts (a larger claimed length is damage)
 MAX_HEADER_BYTES = _MAX_HEADER_BYTES = 16 * 1024 * 1024
+#: O_DIRECT wants buffer addresses, file offsets and lengths in multiples of this
+DIRECT_ALIGN = 4096
 
 
 class ChunkError(Exception):
@@ -57,6 +71,10 @@ class ChunkMissing(ChunkError):
 
 class ChunkCorrupt(ChunkError):
     """A file exists but is not the chunk it claims to be, or is damaged."""
+
+
+class ChunkUntrusted(ChunkCorrupt):
+    """An integrity key is set and the file carries no valid keyed tag (possibly forged)."""
 
 
 class ChunkUnreadable(ChunkError):
@@ -84,6 +102,7 @@ class ChunkHeader(msgspec.Struct, frozen=True, kw_only=True):
     window_tokens: int | None = None
     parent: str | None = None  # hex key of the chunk this one extends
     checksum: str = ""  # xxh3-64 hex of the payload
+    tag: str = ""  # keyed MAC hex over payload + header (with tag=""), or "" without a key
 
     @property
     def payload_bytes(self) -> int:
@@ -132,6 +151,31 @@ def encode(header: ChunkHeader, arrays: Sequence[np.ndarray]) -> list[memoryview
         memoryview(a).cast("B") for a in payload]
 
 
+def build_head(header: ChunkHeader, page_bytes: Sequence[int], num_blocks: int, *,
+               align_total: int = 0) -> bytes:
+    """The safetensors prefix (length + JSON table) of a chunk whose tensors follow
+    back to back. ``align_total``: pad the JSON with spaces so that prefix plus
+    payload is a multiple of it (O_DIRECT); else pad to 8 bytes.
+
+    Hex fields have fixed widths, so a header with placeholder checksum / tag has
+    the same length as the final one.
+    """
+    table: dict[str, object] = {}
+    offset = 0
+    for i, page in enumerate(page_bytes):
+        n = num_blocks * page
+        table[f"layer.{i}"] = {"dtype": "U8", "shape": [num_blocks, page],
+                               "data_offsets": [offset, offset + n]}
+        offset += n
+    table["__metadata__"] = {META_KEY: msgspec.json.encode(header).decode()}
+    head = msgspec.json.encode(table)
+    if align_total:
+        head += b" " * (-(8 + len(head) + offset) % align_total)
+    else:
+        head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head
+
+
 def _parse_header(prefix: bytes | memoryview) -> tuple[ChunkHeader, dict, int]:
     if len(prefix) < 8:
         raise ChunkCorrupt("file shorter than a safetensors header")
@@ -162,7 +206,16 @@ def decode(data: bytes | bytearray | memoryview, **expect) -> tuple[ChunkHeader,
 
     Returns the header and the per-layer arrays (views into ``data``).
     """
-    view = memoryview(data)
+    return verify(memoryview(data), expect)
+
+
+def verify(view: memoryview, expect: dict, tagger=None) -> tuple[ChunkHeader, list[np.ndarray]]:
+    """Check a whole chunk file held in ``view``; return its header and per-layer views.
+
+    ``expect``: header fields that must match. ``tagger`` (an
+    ``integrity.Tagger``): the file must also carry its valid keyed tag, else
+    ``ChunkUntrusted``. Nothing is returned unless every check passed.
+    """
     header, st_header, data_start = _parse_header(view)
     for field, want in expect.items():
         got = getattr(header, field)
@@ -172,18 +225,25 @@ def decode(data: bytes | bytearray | memoryview, **expect) -> tuple[ChunkHeader,
         raise ChunkCorrupt(
             f"file is {len(view)} bytes, header promises {data_start + header.payload_bytes}"
         )
+    if len(st_header) != len(header.page_bytes) + 1:
+        raise ChunkCorrupt("tensor table does not match the header's layers")
+    payload = view[data_start:data_start + header.payload_bytes]
     try:
         arrays = []
+        offset = 0
         for i, page in enumerate(header.page_bytes):
             info = st_header[f"layer.{i}"]
-            begin, end = info["data_offsets"]
+            n = header.num_blocks * page
             if (info["dtype"] != "U8" or list(info["shape"]) != [header.num_blocks, page]
-                    or end - begin != header.num_blocks * page):
+                    or list(info["data_offsets"]) != [offset, offset + n]):
                 raise ChunkCorrupt(f"layer {i}: tensor does not match the header")
-            arr = np.frombuffer(view[data_start + begin:data_start + end], dtype=np.uint8)
+            arr = np.frombuffer(payload[offset:offset + n], dtype=np.uint8)
             arrays.append(arr.reshape(header.num_blocks, page))
+            offset += n
     except (KeyError, TypeError, ValueError) as exc:
         raise ChunkCorrupt(f"malformed tensor table: {exc}") from exc
-    if checksum(arrays) != header.checksum:
+    if xxhash.xxh3_64_hexdigest(payload) != header.checksum:
         raise ChunkCorrupt("payload checksum mismatch")
+    if tagger is not None:
+        tagger.check(header, payload)
     return header, arrays
