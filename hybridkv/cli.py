@@ -7,6 +7,8 @@
   prints, per group, the chunks stored and loaded, the tokens served from
   disk and the time to first token both times.
 - ``hybridkv stats --cache-dir DIR`` prints the counters every process wrote.
+- ``hybridkv inspect / verify / gc / simulate``: operator commands over a cache
+  directory and capacity planning (``hybridkv.tools``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hybridkv import tools
 from hybridkv.stats import read_stats
 
 __all__ = ["main"]
@@ -182,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--json", default=None, help="also save the report as JSON here")
     t = sub.add_parser("stats", help="print the counters stored under a cache dir")
     t.add_argument("--cache-dir", required=True)
+    tools.add_parsers(sub)  # inspect, verify, gc, simulate
     args, rest = p.parse_known_args(argv)
+    if args.cmd in tools.COMMANDS:
+        return tools.run(args, rest)
     if args.cmd == "serve":
         return cmd_serve(args, rest)
     if rest:

@@ -1,0 +1,288 @@
+"""What the operator commands share: finding layout directories, one-line errors, progress.
+
+Invariants:
+- Every problem with the user's arguments or directory is a ``ToolError`` whose
+  message names the bad value; the CLI prints it as one line and exits 2. Nothing
+  here changes a file.
+- A *layout directory* is ``<cache_dir>/<fingerprint>/`` holding a ``layout.json``
+  whose layout hashes to that fingerprint; nothing else under the cache directory
+  is ever read or touched by the tools.
+- Progress bars go to stderr, only when stderr is a terminal and the output is not
+  JSON, so piped and ``--json`` output stay clean.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+from hybridkv.groups import HybridLayout
+from hybridkv.store.chunk_store import STALE_TMP_SECONDS, ChunkStore
+from hybridkv.store.fileio import tmp_name_prefix
+from hybridkv.store.format import FORMAT_VERSION
+from hybridkv.store.paths import CHUNK_SUFFIX, TMP_SUFFIX
+
+__all__ = ["ToolError", "LayoutDir", "layout_dirs", "chunk_files", "temp_files", "is_stale_temp",
+           "quarantined_files", "progress", "human_bytes", "parse_budget", "STALE_TMP_SECONDS"]
+
+T = TypeVar("T")
+
+_RANK_RE = re.compile(r"^r(\d+)$")
+_GROUP_RE = re.compile(r"^g(\d+)$")
+
+
+class ToolError(Exception):
+    """Bad argument or directory: the message is the one line the user sees."""
+
+
+class _LayoutFile(msgspec.Struct):
+    format_version: int
+    fingerprint: str
+    layout: HybridLayout
+
+
+@dataclass(frozen=True)
+class LayoutDir:
+    """One layout fingerprint's directory and the layout its ``layout.json`` describes."""
+
+    cache_dir: Path
+    path: Path
+    layout: HybridLayout
+
+    @property
+    def fingerprint(self) -> str:
+        return self.path.name
+
+    def ranks(self) -> list[int]:
+        """Worker ranks with a directory ``r<rank>/``, ascending."""
+        found = []
+        for entry in _scandir(self.path):
+            m = _RANK_RE.match(entry.name)
+            if m and entry.is_dir():
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def store(self, rank: int) -> ChunkStore:
+        return ChunkStore(self.cache_dir, self.layout, rank=rank)
+
+
+def check_cache_dir(cache_dir: str | os.PathLike) -> Path:
+    root = Path(cache_dir)
+    if not root.exists():
+        raise ToolError(f"--cache-dir {os.fspath(cache_dir)}: no such directory")
+    if not root.is_dir():
+        raise ToolError(f"--cache-dir {os.fspath(cache_dir)}: not a directory")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise ToolError(f"--cache-dir {os.fspath(cache_dir)}: permission denied")
+    if (root / "layout.json").is_file():
+        raise ToolError(f"--cache-dir {os.fspath(cache_dir)} is a layout directory; pass its "
+                        f"parent {os.fspath(root.parent)}")
+    return root
+
+
+def read_layout(path: Path) -> HybridLayout:
+    """The layout of ``path/layout.json``; ``ToolError`` naming the file when unusable."""
+    file = path / "layout.json"
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ToolError(f"{file}: cannot read: {exc.strerror or exc}") from None
+    try:
+        version = msgspec.json.decode(raw).get("format_version")
+    except (msgspec.DecodeError, AttributeError):
+        version = None
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise ToolError(f"{file}: chunk format version {version} is newer than this hybridkv "
+                        f"reads ({FORMAT_VERSION}); upgrade hybridkv")
+    try:
+        doc = msgspec.json.decode(raw, type=_LayoutFile)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise ToolError(f"{file}: not a hybridkv layout file: {exc}") from None
+    if doc.layout.fingerprint != path.name or doc.fingerprint != path.name:
+        raise ToolError(f"{file}: its layout hashes to {doc.layout.fingerprint}, not to the "
+                        f"directory name {path.name}")
+    return doc.layout
+
+
+def layout_dirs(cache_dir: str | os.PathLike, fingerprints: Iterable[str] = ()) -> list[LayoutDir]:
+    """Every layout directory under ``cache_dir`` (those named in ``fingerprints`` if any)."""
+    root = check_cache_dir(cache_dir)
+    wanted = list(fingerprints)
+    found = []
+    for entry in sorted(_scandir(root), key=lambda e: e.name):
+        if entry.is_dir() and (Path(entry.path) / "layout.json").is_file():
+            found.append(LayoutDir(root, Path(entry.path), read_layout(Path(entry.path))))
+    names = {d.fingerprint for d in found}
+    for fp in wanted:
+        if fp not in names:
+            raise ToolError(f"--fingerprint {fp}: no layout directory {root / fp} "
+                            f"(found: {', '.join(sorted(names)) or 'none'})")
+    if not found:
+        raise ToolError(f"--cache-dir {os.fspath(cache_dir)}: no layout directories "
+                        "(<fingerprint>/layout.json) found; is this a hybridkv cache_dir?")
+    return [d for d in found if not wanted or d.fingerprint in wanted]
+
+
+def _scandir(path: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+@dataclass(frozen=True)
+class ChunkFile:
+    """A ``*.safetensors`` file found in a group directory of one rank."""
+
+    path: str
+    group: int  # from its g<group> directory
+
+
+def chunk_files(store: ChunkStore) -> list[ChunkFile]:
+    """Every chunk-named file under ``r<rank>/g*/<hh>/`` (also groups the layout lacks)."""
+    out: list[ChunkFile] = []
+    for gentry in _scandir(store.paths.rank_dir()):
+        m = _GROUP_RE.match(gentry.name)
+        if not (m and gentry.is_dir()):
+            continue
+        for leaf in _scandir(Path(gentry.path)):
+            if not leaf.is_dir():
+                continue
+            for f in _scandir(Path(leaf.path)):
+                if f.name.endswith(CHUNK_SUFFIX) and not f.name.startswith("."):
+                    out.append(ChunkFile(f.path, int(m.group(1))))
+    return out
+
+
+def temp_files(layout_dir: Path) -> list[str]:
+    """Temp files (``.<host>.<pid>.<n>.<name>.tmp``) anywhere under a layout directory."""
+    found = []
+    for dirpath, _dirs, files in os.walk(layout_dir):
+        found += [os.path.join(dirpath, n) for n in files
+                  if n.startswith(".") and n.endswith(TMP_SUFFIX)]
+    return found
+
+
+def is_stale_temp(path: str, *, max_age: float = STALE_TMP_SECONDS,
+                  now: float | None = None) -> bool:
+    """What ``ChunkStore.remove_stale_temp`` would remove: its writer (on this host) is
+    gone, or it is older than ``max_age`` seconds. Reads only."""
+    parts = os.path.basename(path).split(".")
+    host = tmp_name_prefix().split(".")[1]
+    try:
+        if len(parts) > 2 and parts[1] == host and parts[2].isdigit():
+            try:
+                os.kill(int(parts[2]), 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                pass
+        return (time.time() if now is None else now) - os.stat(path).st_mtime > max_age
+    except OSError:
+        return False
+
+
+def quarantined_files(layout_dir: Path) -> list[os.DirEntry]:
+    return [e for e in _scandir(layout_dir / "quarantine") if e.is_file(follow_symlinks=False)]
+
+
+def progress(items: Iterable[T], *, total: int | None, desc: str, enabled: bool) -> Iterator[T]:
+    """``items``, with a tqdm bar on stderr when ``enabled`` and stderr is a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        yield from items
+        return
+    from tqdm import tqdm
+
+    with tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False,
+              unit="file" if total is not None else "it", dynamic_ncols=True) as bar:
+        yield from bar
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+def parse_budget(value: str | None, option: str = "--budget") -> int | None:
+    """``--budget SIZE`` as bytes (None when not given); ``ToolError`` naming the value."""
+    if value is None:
+        return None
+    from hybridkv.config import ConfigError, parse_size
+
+    try:
+        size = parse_size(value, option)
+    except ConfigError as exc:
+        raise ToolError(str(exc)) from None
+    if size <= 0:
+        raise ToolError(f"{option}: must be positive, got {value!r}")
+    return size
+
+
+def age_seconds(mtime: float | None, now: float | None = None) -> float | None:
+    return None if mtime is None else max(0.0, (time.time() if now is None else now) - mtime)
+
+
+@dataclass
+class Records:
+    """The chunks of one rank and where they were learnt from."""
+
+    records: list  # ChunkRecord, least recently used first (snapshot order, else by mtime)
+    source: str  # "snapshot" (checked against a directory listing) | "scan" (every header)
+    reason: str = ""  # why the scan ran
+    snapshot_age_s: float | None = None
+
+
+def read_records(store: ChunkStore, *, show_progress: bool) -> Records:
+    """The chunks of ``store``'s rank, fast: the index snapshot checked against a listing
+    of the directories (``snapshot.restore``) when there is a valid one, else every
+    chunk header, read in parallel (``ChunkStore.scan``). Changes nothing on disk."""
+    from hybridkv.store.format import ChunkTooNew
+    from hybridkv.store.snapshot import SnapshotInvalid, read_snapshot, restore
+
+    snap_path = store.paths.snapshot()
+    try:
+        age = age_seconds(os.stat(snap_path).st_mtime)
+    except OSError:
+        age = None
+    try:
+        try:
+            snapshot = read_snapshot(store)
+            reason = "no snapshot" if snapshot is None else ""
+        except SnapshotInvalid as exc:
+            snapshot, reason = None, f"snapshot ignored: {exc}"
+        if snapshot is not None:
+            del snapshot
+            restored = restore(store, use_snapshot=True, clean_temp=False)
+            if restored.source == "snapshot":
+                return Records(restored.records, "snapshot", snapshot_age_s=age)
+            reason = restored.reason
+        total = len(chunk_files(store))
+        records = list(progress(store.scan(), total=total,
+                                desc=f"reading headers of {store.paths.rank_dir().name}",
+                                enabled=show_progress))
+    except ChunkTooNew as exc:
+        raise ToolError(f"{exc}; upgrade hybridkv to read this directory") from None
+    records.sort(key=lambda r: r.mtime_ns)
+    return Records(records, "scan", reason=reason, snapshot_age_s=age)
+
+
+def iso_time(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
