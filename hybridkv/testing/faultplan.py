@@ -1,10 +1,11 @@
 """Actions a session runs between prompts: the fault-injection suite's hands.
 
-A TESTING AID (used by ``hybridkv.vllm.session`` when its prompts carry
-``before`` / ``after`` lists). It runs in the session's front-end process,
-which is not the engine process, so it can damage chunk files, switch faults
-injected through ``HYBRIDKV_FAULTS`` (``hybridkv.store.faults``) or make the
-cache directory read-only while the engine keeps running. Each action is a
+A TESTING AID (``hybridkv.testing.session`` hands it to
+``hybridkv.vllm.session.run_session`` when prompts carry ``before`` / ``after``
+lists). It runs in the session's front-end process, which is not the engine
+process, so it can damage chunk files, switch faults injected by
+``FaultInjectingConnector`` (``hybridkv.testing.faults``) or make the cache
+directory read-only while the engine keeps running. Each action is a
 dict with an ``op``:
 
 - ``settle``: wait until every store this engine started has completed
@@ -19,7 +20,7 @@ dict with an ``op``:
   header names another layout fingerprint), ``future_version``, ``delete``.
   ``kind`` selects groups by kind (``full`` / ``sliding`` / ``state`` / ``any``),
   ``pick`` one file by position (``first``, ``middle``, ``last``) or ``all``.
-- ``faults`` ``rules``: write the rules file named by ``HYBRIDKV_FAULTS``; a
+- ``faults`` ``rules``: write the session's rules file (``--faults-file``); a
   rule may carry ``target: {label, kind, pick}``, replaced by the picked files'
   ``keys``. ``rules: []`` switches faults off.
 - ``remount`` ``mode: ro|rw``: bind-mount the cache directory read-only or back
@@ -40,7 +41,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hybridkv.store.faults import ENV_VAR
 from hybridkv.store.format import FORMAT_VERSION, read_header
 from hybridkv.store.paths import CHUNK_SUFFIX, TMP_SUFFIX
 
@@ -72,9 +72,10 @@ def rewrite_header(data: bytes, **fields: Any) -> bytes:
 
 
 class FaultPlan:
-    def __init__(self, llm, cache_dir: str | None):
+    def __init__(self, llm, cache_dir: str | None, faults_file: str | Path | None = None):
         self.llm = llm
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.faults_file = Path(faults_file) if faults_file else None
         self.pids: set[int] = set()
         self._refresh_pids()
         self.files: dict[str, list[str]] = {}
@@ -244,9 +245,8 @@ class FaultPlan:
                 "files": [str(p.relative_to(self.layout_dir)) for p in paths]}
 
     def _do_faults(self, rules: list[dict[str, Any]]) -> dict:
-        target_file = os.environ.get(ENV_VAR, "")
-        if not target_file or target_file.lstrip()[:1] in "[{":
-            raise RuntimeError(f"the 'faults' action needs {ENV_VAR} set to a rules file path")
+        if self.faults_file is None:
+            raise RuntimeError("the 'faults' action needs the session's --faults-file")
         resolved = []
         for rule in rules:
             rule = dict(rule)
@@ -254,9 +254,9 @@ class FaultPlan:
             if target is not None:
                 rule["keys"] = [p.name[: -len(CHUNK_SUFFIX)] for p in self.pick(**target)]
             resolved.append(rule)
-        tmp = Path(target_file).with_suffix(".writing")
+        tmp = self.faults_file.with_suffix(".writing")
         tmp.write_text(json.dumps({"rules": resolved}))
-        os.replace(tmp, target_file)
+        os.replace(tmp, self.faults_file)
         return {"rules": resolved}
 
     def _do_remount(self, mode: str) -> dict:

@@ -1,14 +1,17 @@
 """Fault injection for tests: a ``FileIO`` that fails on purpose.
 
-A TESTING AID, never for production. It lets the fault-injection suite
-(``tests/test_faults.py``) produce ENOSPC, EIO, EACCES, EROFS, slow or
-half-written files and files that vanish at load time inside real vLLM engine
-processes, where a test cannot reach the store object.
+A TESTING AID, never for production (``hybridkv.testing``: nothing outside it
+imports this module, and no environment variable turns it on). It lets the
+fault-injection suite (``tests/test_faults.py``) produce ENOSPC, EIO, EACCES,
+EROFS, slow or half-written files and files that vanish at load time inside
+real vLLM engine processes, where a test cannot reach the store object.
 
-Turn it on with the environment variable ``HYBRIDKV_FAULTS`` in the engine's
-environment (``spec.py`` reads it when it builds each store's ``FileIO``):
+Inside an engine, select ``hybridkv.testing.connector`` (its
+``FaultInjectingConnector`` builds each store's I/O with ``file_io_from_rules``)
+and give the rules under the ``kv_connector_extra_config`` key ``testing_faults``:
 
-- inline JSON: ``HYBRIDKV_FAULTS='{"rules": [{"op": "write", "errno": "ENOSPC"}]}'``
+- inline rules: ``"testing_faults": {"rules": [{"op": "write", "errno": "ENOSPC"}]}``
+  (or the same as a JSON string);
 - or a path to a JSON file of the same shape. The file is re-read whenever it
   changes (one ``stat`` per I/O call), so a test can switch faults on and off
   while the engine runs; a missing file means no faults.
@@ -48,11 +51,12 @@ from typing import Any
 
 from hybridkv.store.fileio import Durability, FileIO
 
-__all__ = ["ENV_VAR", "FaultRule", "FaultyFileIO", "file_io_from_env", "parse_rules"]
+__all__ = ["RULES_KEY", "FaultRule", "FaultyFileIO", "file_io_from_rules", "parse_rules"]
 
 log = logging.getLogger(__name__)
 
-ENV_VAR = "HYBRIDKV_FAULTS"
+#: the kv_connector_extra_config key FaultInjectingConnector reads (and hides from hybridkv)
+RULES_KEY = "testing_faults"
 OPS = ("write", "read", "read_prefix", "makedirs")
 
 
@@ -64,16 +68,16 @@ class FaultRule:
         unknown = set(spec) - {"op", "errno", "keys", "group", "path", "skip", "count",
                                "partial", "delay", "vanish"}
         if unknown:
-            raise ValueError(f"{ENV_VAR}: unknown rule fields {sorted(unknown)}")
+            raise ValueError(f"{RULES_KEY}: unknown rule fields {sorted(unknown)}")
         ops = spec.get("op", "*")
         ops = [ops] if isinstance(ops, str) else list(ops)
         self.ops = set(OPS) if "*" in ops else set(ops)
         if not self.ops <= set(OPS):
-            raise ValueError(f"{ENV_VAR}: op must be among {OPS} or '*', got {ops}")
+            raise ValueError(f"{RULES_KEY}: op must be among {OPS} or '*', got {ops}")
         err = spec.get("errno")
         if isinstance(err, str):
             if not hasattr(_errno, err):
-                raise ValueError(f"{ENV_VAR}: unknown errno name {err!r}")
+                raise ValueError(f"{RULES_KEY}: unknown errno name {err!r}")
             err = getattr(_errno, err)
         self.err: int | None = err
         keys = spec.get("keys")
@@ -115,7 +119,7 @@ def parse_rules(doc: Any) -> list[FaultRule]:
     if isinstance(doc, dict):
         doc = doc.get("rules", [])
     if not isinstance(doc, list):
-        raise ValueError(f"{ENV_VAR}: expected a list of rules or {{\"rules\": [...]}}")
+        raise ValueError(f"{RULES_KEY}: expected a list of rules or {{\"rules\": [...]}}")
     return [FaultRule(r) for r in doc]
 
 
@@ -236,17 +240,18 @@ def _describe(rule: FaultRule) -> str:
     return ", ".join(parts) or "no-op"
 
 
-def file_io_from_env(durability: Durability = "none", file_mode: int = 0o600,
-                     dir_mode: int = 0o700, *, environ: dict[str, str] | None = None) -> FileIO:
-    """A plain ``FileIO``, or a ``FaultyFileIO`` when ``HYBRIDKV_FAULTS`` is set."""
-    value = (environ if environ is not None else os.environ).get(ENV_VAR, "").strip()
-    if not value:
-        return FileIO(durability, file_mode, dir_mode)
-    if value[0] in "[{":
-        io = FaultyFileIO(parse_rules(json.loads(value)), durability=durability,
-                          file_mode=file_mode, dir_mode=dir_mode)
-    else:
+def file_io_from_rules(value: Any, durability: Durability = "none", file_mode: int = 0o600,
+                       dir_mode: int = 0o700) -> FaultyFileIO:
+    """A ``FaultyFileIO`` from inline rules (a list, a dict or their JSON) or a rules-file path."""
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        value = json.loads(value)
+    if isinstance(value, (list, dict)):
+        io = FaultyFileIO(parse_rules(value), durability=durability, file_mode=file_mode,
+                          dir_mode=dir_mode)
+    elif isinstance(value, (str, os.PathLike)) and str(value).strip():
         io = FaultyFileIO(rules_file=value, durability=durability, file_mode=file_mode,
                           dir_mode=dir_mode)
-    log.warning("hybridkv: %s is set: fault injection is ACTIVE (testing only)", ENV_VAR)
+    else:
+        raise ValueError(f"{RULES_KEY}: expected rules or a rules-file path, got {value!r}")
+    log.warning("hybridkv: fault injection is ACTIVE (%s; testing only)", RULES_KEY)
     return io

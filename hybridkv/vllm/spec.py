@@ -5,9 +5,9 @@ each group's kind (full / sliding window / state) and window. The
 ``HybridKVConnector`` passes vLLM's ``KVCacheConfig`` in through
 ``kv_cache_config_context`` while vLLM constructs the spec.
 
-Testing aid: when ``HYBRIDKV_FAULTS`` is set in the engine's environment, each
-store gets a ``FaultyFileIO`` (``hybridkv.store.faults``) that injects I/O
-faults inside the engine's own processes. Never set it in production.
+Every store's file I/O is a plain ``FileIO`` built from the settings
+(``_file_io``); nothing in the environment changes it. The fault-injection
+suite subclasses the spec in ``hybridkv.testing.connector``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from hybridkv.cost import PrefillCost
 from hybridkv.policies import make_policy
 from hybridkv.stats import Counters
 from hybridkv.store.chunk_store import ChunkStore
-from hybridkv.store.faults import file_io_from_env
+from hybridkv.store.fileio import FileIO
 from hybridkv.store.format import ChunkTooNew
 from hybridkv.vllm.layout import layout_from_vllm
 
@@ -67,10 +67,14 @@ class HybridKVSpec(OffloadingSpec):
         self.group_ids = [g.group_id for g in config.groups]
         self._manager: OffloadingManager | None = None
 
+    def _file_io(self) -> FileIO:
+        """The I/O layer of each store: the settings alone decide it."""
+        c = self.hkv_config
+        return FileIO(c.durability, c.file_mode, c.dir_mode)
+
     def _store(self, rank: int) -> ChunkStore:
         c = self.hkv_config
-        store = ChunkStore(c.cache_path, self.layout, rank=rank,
-                           io=file_io_from_env(c.durability, c.file_mode, c.dir_mode))
+        store = ChunkStore(c.cache_path, self.layout, rank=rank, io=self._file_io())
         try:
             store.ensure_dirs()
             store.check_writable()
