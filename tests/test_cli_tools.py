@@ -408,3 +408,13 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
     assert list(progress(range(5), total=5, desc="work", enabled=True)) == list(range(5))
     assert sys.stderr.getvalue() == ""
+
+
+def test_tools_import_no_vllm():
+    code = ("import sys, hybridkv.cli, hybridkv.tools.inspect, hybridkv.tools.verify, "
+            "hybridkv.tools.gc, hybridkv.tools.simulate, hybridkv.sim.hf_layout; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'torch')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -102,6 +102,13 @@ def _check(store: _CheckingStore, f: ChunkFile) -> tuple[str, str, int, bool]:
     return "ok", "", sum(a.nbytes for a in arrays), False
 
 
+def _bounded_map(pool: ThreadPoolExecutor, fn, items: list, batch: int = 4096):
+    """``pool.map`` in order, with at most ``batch`` tasks queued (a million files would
+    otherwise mean a million futures at once)."""
+    for lo in range(0, len(items), batch):
+        yield from pool.map(fn, items[lo:lo + batch])
+
+
 def _move_aside(ld: LayoutDir, path: str) -> None:
     """Quarantine a file that has no key (``ChunkStore.quarantine`` needs one)."""
     dst = ld.path / "quarantine" / f"{os.path.basename(path)}.{int(time.time() * 1e6)}"
@@ -119,7 +126,7 @@ def verify_layout(ld: LayoutDir, *, quarantine: bool = False, workers: int = 8,
         store = _make_store(ld, rank, move=quarantine, key=key)
         files = chunk_files(store)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = pool.map(lambda f: _check(store, f), files)
+            results = _bounded_map(pool, lambda f: _check(store, f), files)
             for f, (status, reason, nbytes, by_path) in zip(
                     files, progress(results, total=len(files), desc=f"verifying r{rank}",
                                     enabled=show_progress)):
