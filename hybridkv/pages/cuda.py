@@ -1,0 +1,119 @@
+"""Page copies between CUDA KV tensors and pinned host buffers.
+
+Per chunk, on the calling I/O thread's own CUDA stream:
+- gather: wait for the engine's stream (an event recorded when the job was
+  submitted), one ``index_select`` per layer into a device staging buffer
+  (layer-major, the file's byte order), ONE device-to-host copy of the whole
+  payload into the pinned buffer, record an event; the thread waits on that
+  event only before it hands the host bytes to the file write.
+- scatter: ONE host-to-device copy of the verified payload into the staging
+  buffer, one ``index_copy_`` per layer into the KV tensors, record an event,
+  and wait on it before the pinned buffer goes back to the pool.
+Several I/O threads run at once, so one chunk's file I/O overlaps another's
+device copies.
+
+Invariants:
+- No ``torch.cuda.synchronize`` / stream synchronize: only per-chunk events.
+- No host allocation per chunk (pinned buffers are allocated with the copier); one device
+  staging buffer per I/O thread, allocated once (``staging_allocations``).
+- ``scatter`` is only called with verified bytes (the caller's contract); it
+  checks block ids, rows and sizes before the first device copy.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from hybridkv.pages.copier import PageCopier
+
+__all__ = ["CudaPageCopier"]
+
+
+class _ThreadState:
+    def __init__(self, device: torch.device, nbytes: int):
+        self.stream = torch.cuda.Stream(device=device)
+        self.done = torch.cuda.Event()
+        with torch.cuda.stream(self.stream):
+            self.staging = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+class CudaPageCopier(PageCopier):
+    is_cuda = True
+
+    def __init__(self, tensors, groups, *, buffer_bytes: int, buffers: int, max_blocks: int):
+        super().__init__(tensors, groups, buffer_bytes=buffer_bytes, buffers=buffers,
+                         max_blocks=max_blocks)
+        self.device = self.tensors[0].device
+        self.pool.fill()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.staging_allocations = 0
+        self.events_waited = 0
+
+    def _state(self) -> _ThreadState:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = _ThreadState(self.device, self.pool.nbytes)
+            self._local.state = state
+            with self._lock:
+                self.staging_allocations += 1
+        return state
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def _wait(self, state: _ThreadState) -> None:
+        state.done.synchronize()
+        with self._lock:
+            self.events_waited += 1
+
+    def gather(self, group_pos, block_ids, buf, after=None):
+        n = len(block_ids)
+        total = self._check(group_pos, n, buf, block_ids)
+        state = self._state()
+        buf.index[:n].copy_(torch.as_tensor(block_ids, dtype=torch.int64))
+        flat = state.staging[:total].view(torch.int8)
+        with torch.cuda.stream(state.stream):
+            if after is not None:
+                state.stream.wait_event(after)
+            index = buf.index[:n].to(self.device, non_blocking=True)
+            offset = 0
+            for t, page in self.groups[group_pos]:
+                dst = flat[offset:offset + n * page].view(n, page)
+                torch.index_select(self.tensors[t][:, :page], 0, index, out=dst)
+                offset += n * page
+            buf.data[:total].copy_(state.staging[:total], non_blocking=True)
+            state.done.record(state.stream)
+        self._wait(state)
+        return buf.array[:total]
+
+    def scatter(self, group_pos, block_ids, payload, count, rows, buf, after=None):
+        n = len(block_ids)
+        total = self._check(group_pos, count, buf, block_ids, rows)
+        if payload.numel() != total or payload.is_cuda:
+            raise ValueError(f"payload of {payload.numel()} bytes, expected {total} on the host")
+        state = self._state()
+        identity = list(rows) == list(range(count))
+        buf.index[:n].copy_(torch.as_tensor(block_ids, dtype=torch.int64))
+        if not identity:
+            buf.index[n:2 * n].copy_(torch.as_tensor(rows, dtype=torch.int64))
+        flat = state.staging[:total].view(torch.int8)
+        with torch.cuda.stream(state.stream):
+            if after is not None:
+                state.stream.wait_event(after)
+            state.staging[:total].copy_(payload, non_blocking=True)
+            index = buf.index[:2 * n if not identity else n].to(self.device, non_blocking=True)
+            pick = None if identity else index[n:2 * n]
+            offset = 0
+            for t, page in self.groups[group_pos]:
+                src = flat[offset:offset + count * page].view(count, page)
+                if pick is not None:
+                    src = src.index_select(0, pick)
+                self.tensors[t][:, :page].index_copy_(0, index[:n], src)
+                offset += count * page
+            state.done.record(state.stream)
+        self._wait(state)
