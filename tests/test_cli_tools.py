@@ -418,3 +418,31 @@ def test_tools_import_no_vllm():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_verify_with_the_integrity_key_rejects_an_untagged_file(tmp_path, capsys):
+    key_file = tmp_path / "kv.key"
+    key_file.write_bytes(os.urandom(32))
+    key_file.chmod(0o600)
+    root = tmp_path / "cache"
+    keyed = ChunkStore(root, layout(), integrity_key=key_file.read_bytes())
+    keyed.ensure_dirs()
+    written = write_chains(keyed, requests=1, depth=2)
+    forged = sorted(written)[0]
+    os.unlink(keyed.path(forged))  # replaced by a file with a valid xxh3 but no tag
+    plain = ChunkStore(root, layout())
+    rng = np.random.default_rng(9)
+    sizes, blocks = _SIZES[key_group(forged)]
+    plain.write(forged, position=32, block_offset=0,
+                arrays=[rng.integers(0, 256, (blocks, s), dtype=np.uint8) for s in sizes])
+    rc, out, _ = cli(["verify", "--cache-dir", root, "--json"], capsys)
+    assert rc == 0 and json.loads(out)["bad"] == 0  # without the key: checksums only
+    rc, out, err = cli(["verify", "--cache-dir", root, "--integrity-key-file", key_file,
+                        "--json"], capsys)
+    assert rc == 1, err
+    report = json.loads(out)
+    assert report["ok"] == len(written) - 1
+    assert [b["path"] for b in report["layouts"][0]["bad_files"]] == [str(keyed.path(forged))]
+    key_file.chmod(0o644)
+    rc, _, err = cli(["verify", "--cache-dir", root, "--integrity-key-file", key_file], capsys)
+    assert rc == 2 and err.count("\n") == 1 and str(key_file) in err

@@ -16,7 +16,6 @@ Invariants:
 
 from __future__ import annotations
 
-import inspect as _pyinspect
 import os
 import threading
 import time
@@ -57,19 +56,16 @@ class _CheckingStore(ChunkStore):
 
 
 def read_integrity_key(path: str | None) -> bytes | None:
-    """The bytes of ``--integrity-key-file``; ``ToolError`` naming the file when unusable."""
+    """The key of ``--integrity-key-file`` (``integrity.load_key``: the engine's rules);
+    ``ToolError`` naming the file when unusable."""
     if path is None:
         return None
+    from hybridkv.store.integrity import IntegrityKeyError, load_key
+
     try:
-        key = Path(path).read_bytes()
-    except OSError as exc:
-        raise ToolError(f"--integrity-key-file {path}: cannot read: {exc.strerror or exc}") from None
-    if not key.strip():
-        raise ToolError(f"--integrity-key-file {path}: the file is empty")
-    if "integrity_key" not in _pyinspect.signature(ChunkStore.__init__).parameters:
-        raise ToolError(f"--integrity-key-file {path}: this hybridkv's ChunkStore has no "
-                        "integrity key support")
-    return key
+        return load_key(path)
+    except IntegrityKeyError as exc:
+        raise ToolError(f"--integrity-key-file: {exc}") from None
 
 
 def _make_store(ld: LayoutDir, rank: int, *, move: bool, key: bytes | None) -> _CheckingStore:
