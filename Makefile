@@ -32,6 +32,8 @@ bench: setup
 	$(PY) benchmarks/policy_overhead.py --out policy_overhead.json
 	$(PY) benchmarks/index_scale.py --out index_scale.json
 	$(PY) benchmarks/restart.py --out restart.json
+	$(PY) benchmarks/ttft.py --runs-long 2 --out ttft.json
+	$(PY) benchmarks/overhead.py --out overhead.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

