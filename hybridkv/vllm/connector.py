@@ -10,9 +10,15 @@ path vLLM provides for models with several KV cache groups; vLLM's own
 offloading worker cannot report them (it asserts every job succeeded). vLLM
 then recomputes the request from scratch (``kv_load_failure_policy=
 "recompute"``) or ends it with an error (``"fail"``). On the scheduler side a
-request whose load failed gets ``max_load_tokens = 0``: its retry recomputes
-instead of loading the same (possibly still unreadable) file again, so a
-persistent read error cannot loop.
+request whose load failed looks up with ``max_num_new_tokens=0`` until it
+finishes: its retry recomputes instead of loading the same (possibly still
+unreadable) file again, so a persistent read error cannot loop.
+
+Only public vLLM API here (0.32 and 0.33): the job -> request map of loads
+comes from the connector metadata's ``load_jobs`` (``start_load_kv``), not
+the worker's private ``_load_jobs``; the no-reload rule goes through the
+scheduler's ``get_num_new_matched_tokens``, not its private ``_req_status``.
+The one private read left is in ``hybridkv.vllm.compat``.
 """
 
 from __future__ import annotations
@@ -41,13 +47,28 @@ class HybridKVConnector(OffloadingConnector):
         extra.setdefault("spec_name", SPEC_NAME)
         extra.setdefault("spec_module_path", SPEC_MODULE)
         hidden = vllm_config.model_config.get_hidden_size() if vllm_config.model_config else None
+        #: worker side: load job id -> request id, until the request's load finishes
+        self._load_requests: dict[int, str] = {}
+        #: scheduler side: requests whose load failed; they never load again
+        self._no_reload: set[str] = set()
         with kv_cache_config_context(kv_cache_config, hidden_size=hidden):
             super().__init__(vllm_config, role, kv_cache_config)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         # the policy's likely hit points depend on the prompt length (chunk-aligned repeats)
         self.scheduler.manager.note_prompt_tokens(request.request_id, request.num_prompt_tokens)
+        if request.request_id in self._no_reload:  # the retry recomputes, never reloads
+            return self.scheduler.get_num_new_matched_tokens(
+                request, num_computed_tokens, max_num_new_tokens=0)
         return super().get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def request_finished(self, request, block_ids):
+        self._no_reload.discard(request.request_id)
+        return super().request_finished(request, block_ids)
+
+    def request_finished_all_groups(self, request, block_ids):
+        self._no_reload.discard(request.request_id)
+        return super().request_finished_all_groups(request, block_ids)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
         super().update_state_after_alloc(request, blocks, num_external_tokens)
@@ -58,16 +79,23 @@ class HybridKVConnector(OffloadingConnector):
             manager.counters.flush()
 
     # ------------------------------------------------------------------ worker side
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        for job_id, entry in self._get_connector_metadata().load_jobs.items():
+            if not getattr(entry, "sync", False):  # vLLM 0.33 sync loads are never enabled
+                self._load_requests[job_id] = entry.req_id
+        super().start_load_kv(forward_context, **kwargs)
+
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
-        worker_side = self.connector_worker
-        load_jobs = dict(getattr(worker_side, "_load_jobs", {}) or {})  # job id -> req id
         finished_sending, finished_recving = self.get_finished(finished_req_ids)
         failed: set[str] = set()
-        worker = getattr(worker_side, "worker", None)
+        worker = getattr(self.connector_worker, "worker", None)
         take = getattr(worker, "take_failed_loads", None)
         if take is not None:
-            failed = {load_jobs[j] for j in take() if j in load_jobs}
+            failed = {self._load_requests[j] for j in take() if j in self._load_requests}
         finished_recving = set(finished_recving or ())
+        done = finished_recving | failed
+        if done:  # a request has at most one load in flight
+            self._load_requests = {j: r for j, r in self._load_requests.items() if r not in done}
         return KVConnectorTransferResults(
             finished_sending=set(finished_sending or ()),
             finished_recving=finished_recving | failed,
@@ -75,14 +103,16 @@ class HybridKVConnector(OffloadingConnector):
         )
 
     # ------------------------------------------------------------------ scheduler side
+    def take_events(self):
+        # vLLM's offload events carry a chunk's hash and group only: add kind, window, parent
+        events = super().take_events()
+        chunk_events = getattr(self.scheduler.manager, "chunk_events", None)
+        return chunk_events.describe(events) if chunk_events is not None else events
+
     def update_connector_output(self, connector_output: KVConnectorOutput):
         failed = connector_output.failed_recving
         if failed and self.connector_scheduler is not None:
-            statuses = getattr(self.connector_scheduler, "_req_status", {})
-            for req_id in failed:
-                status = statuses.get(req_id)
-                if status is not None:
-                    status.max_load_tokens = 0  # the retry recomputes, never reloads
+            self._no_reload.update(failed)
             manager = self.scheduler.manager
             manager.counters.add("requests_load_failed", len(failed))
             manager.counters.flush()

@@ -42,6 +42,7 @@ from hybridkv.store.chunk_store import ChunkStore
 from hybridkv.store.fleet import FleetMember, apply_listing, list_keys
 from hybridkv.store.format import ChunkError
 from hybridkv.store.snapshot import SnapshotWriter, recheck, restore
+from hybridkv.vllm.events import ChunkEvents
 from hybridkv.vllm.transfer import ChunkLoadSpec, ChunkStoreSpec
 
 __all__ = ["HybridKVManager"]
@@ -58,13 +59,15 @@ FLEET_CONFIRM_S = 1.0
 class HybridKVManager(OffloadingManager):
     def __init__(self, store: ChunkStore, config: HybridKVConfig, *,
                  policy: CapacityPolicy | None = None, counters: Counters | None = None,
-                 emit_events: bool = False):
+                 emit_events: bool = False, chunk_events: ChunkEvents | None = None):
         self.store = store
         self.layout = store.layout
         self.config = config
         self.counters = counters or Counters(None, "manager")
         self.emit_events = emit_events
         self._events: list[OffloadingEvent] = []
+        #: parents of stored chunks for the connector's KV events (``hybridkv.vllm.events``)
+        self.chunk_events = chunk_events
         self._miss_checked: dict[bytes, float] = {}
         self._chunk_tokens = {g.index: g.chunk_tokens for g in self.layout.groups}
         self._prompt_tokens: dict[str, int] = {}  # request id -> prompt length
@@ -212,6 +215,8 @@ class HybridKVManager(OffloadingManager):
                                             parent=record.parent, mtime_ns=record.mtime_ns)
             self.counters.add("chunks_stored", 1, group)
             stored.append(key)
+            if self.emit_events and self.chunk_events is not None:
+                self.chunk_events.note_stored(key, record.parent)
         if stored and self.emit_events:
             self._events.append(OffloadingEvent(keys=stored, medium=Medium.STORAGE, removed=False))
         self._delete(evicted)
@@ -453,5 +458,8 @@ class HybridKVManager(OffloadingManager):
 
 
 def _key_positions(req_context: ReqContext) -> dict[bytes, int]:
-    # vLLM records every offload key's end position on the request context
-    return getattr(req_context, "_offload_key_positions", {}) or {}
+    # vLLM records every offload key's end position on the request context; the one
+    # private read of vLLM that is left lives in hybridkv.vllm.compat (0.32 and 0.33)
+    from hybridkv.vllm.compat import request_key_positions
+
+    return request_key_positions(req_context)

@@ -32,6 +32,7 @@ from hybridkv.stats import Counters
 from hybridkv.store.chunk_store import ChunkStore
 from hybridkv.store.fileio import FileIO
 from hybridkv.store.format import ChunkTooNew
+from hybridkv.vllm.events import ChunkEvents, group_event_specs
 from hybridkv.vllm.layout import layout_from_vllm
 
 __all__ = ["HybridKVSpec", "kv_cache_config_context"]
@@ -65,6 +66,8 @@ class HybridKVSpec(OffloadingSpec):
         self.hkv_config.check_directory()
         self.layout = layout_from_vllm(config, kv_cache_config)
         self.group_ids = [g.group_id for g in config.groups]
+        self.event_groups = group_event_specs(
+            kv_cache_config, {g.index: g.chunk_tokens for g in self.layout.groups})
         self._manager: OffloadingManager | None = None
 
     def _file_io(self) -> FileIO:
@@ -97,6 +100,7 @@ class HybridKVSpec(OffloadingSpec):
                     policy=self._make_policy(),
                     counters=Counters(store.paths.stats_dir, "manager"),
                     emit_events=self.kv_events_config.enable_kv_cache_events,
+                    chunk_events=ChunkEvents(self.event_groups),
                 )
             except ChunkTooNew as exc:  # the startup scan met a chunk from a newer hybridkv
                 raise _too_new(store, exc) from exc
