@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import types
 
@@ -149,8 +150,16 @@ def run(args, rest: list[str]) -> int:
     except ToolError as exc:
         sys.stderr.write(f"hybridkv {args.cmd}: error: {exc}\n")
         return 2
-    if args.json:
-        sys.stdout.write(json.dumps(report, indent=1, default=str) + "\n")
-    else:
-        sys.stdout.write(text + "\n")
+    except KeyboardInterrupt:
+        sys.stderr.write(f"hybridkv {args.cmd}: interrupted\n")
+        return 130
+    try:
+        if args.json:
+            sys.stdout.write(json.dumps(report, indent=1, default=str) + "\n")
+        else:
+            sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
     return status
