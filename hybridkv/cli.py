@@ -7,6 +7,8 @@
   prints, per group, the chunks stored and loaded, the tokens served from
   disk and the time to first token both times.
 - ``hybridkv stats --cache-dir DIR`` prints the counters every process wrote.
+- ``hybridkv route --listen HOST:PORT --engine NAME=ZMQ_ENDPOINT ... --layout DIR``
+  serves a hybrid-aware KV router (docs/routing.md).
 - ``hybridkv inspect / verify / gc / simulate``: operator commands over a cache
   directory and capacity planning (``hybridkv.tools``).
 """
@@ -185,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--json", default=None, help="also save the report as JSON here")
     t = sub.add_parser("stats", help="print the counters stored under a cache dir")
     t.add_argument("--cache-dir", required=True)
+    from hybridkv.routing.command import add_route_parser, cmd_route
+    add_route_parser(sub)
     tools.add_parsers(sub)  # inspect, verify, gc, simulate
     args, rest = p.parse_known_args(argv)
     if args.cmd in tools.COMMANDS:
@@ -193,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args, rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.cmd == "route":
+        return cmd_route(args)
     return cmd_demo(args) if args.cmd == "demo" else cmd_stats(args)
 
 

@@ -261,3 +261,12 @@ def test_bounded_entries_evict_least_recent():
     router.index.apply("a", 0, KVEventBatch(ts=0, events=_everything("STORAGE")))
     st_ = router.index.status("a")
     assert st_.entries == 5 and st_.evicted == 13
+
+
+def test_affinity_breaks_ties_without_promising():
+    router = Router(LAYOUT, ["a", "b"], hasher=HASHER)
+    # b holds the full-attention prefix only (states evicted): nothing servable, but affinity
+    router.index.apply("b", 0, KVEventBatch(ts=0, events=[_store("STORAGE", 0, range(6))]))
+    ans = router.route(TOKENS, loads={"a": 0, "b": 5})
+    b = next(s for s in ans.replicas if s.replica == "b")
+    assert ans.pick == "b" and ans.predicted_tokens == 0 and b.affinity == 192

@@ -15,8 +15,11 @@ The rule is at least as strict as vLLM's GPU prefix cache (a window needs
 ``cdiv(W, B)`` blocks there, vLLM ``cdiv(W - 1, B)``), so the answer never
 exceeds what the replica serves from what the view holds.
 
-``pick``: most ``total`` tokens; ties (including all zero) go to the lowest
-load, then the first replica in configured order.
+``pick``: most ``total`` tokens; among equals (often: nothing anywhere) the
+replica whose full-attention groups hold the longest prefix in any tier
+(``affinity``, promised nothing: the rest of the request is then stored next
+to it instead of on a third replica), then the lowest load, then the first
+replica in configured order.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class ReplicaScore(msgspec.Struct, kw_only=True):
     replica: str
     tiers: dict[str, int]
     total: int
+    affinity: int = 0
     load: float = 0.0
     note: str | None = None
 
@@ -65,6 +69,23 @@ def _servable(index: PrefixIndex, name: str, tier: str, groups: Sequence[GroupSp
     if tier == MEDIUM_GPU and all(g.kind is GroupKind.FULL for g in groups):
         n -= 1  # vLLM's prefix cache leaves the last token to compute
     return servable_tokens(groups, present, n, computed) if n > 0 else 0
+
+
+def _full_prefix(index: PrefixIndex, name: str, tier: str, groups: Sequence[GroupSpec],
+                 keys: Sequence[int], hash_tokens: int, num_tokens: int) -> int:
+    """Tokens of the longest prefix every full-attention group holds in this tier."""
+    best = num_tokens
+    for g in groups:
+        if g.kind is not GroupKind.FULL:
+            continue
+        run = 0
+        while True:
+            j = (run + 1) * g.chunk_tokens // hash_tokens - 1
+            if j >= len(keys) or not index.holds(name, tier, g.index, keys[j]):
+                break
+            run += 1
+        best = min(best, run * g.chunk_tokens)
+    return best
 
 
 def score_replicas(index: PrefixIndex, groups: TierGroups, keys: Sequence[int],
@@ -100,14 +121,17 @@ def score_replicas(index: PrefixIndex, groups: TierGroups, keys: Sequence[int],
                 tiers[tier] = _servable(index, name, tier, gs, keys, hash_tokens, num_tokens, 0)
                 ext = _servable(index, name, tier, gs, keys, hash_tokens, num_tokens, gpu)
                 best_ext = max(best_ext, ext)
-            out.append(ReplicaScore(replica=name, tiers=tiers, total=gpu + best_ext, load=load))
+            affinity = max(_full_prefix(index, name, t, gs, keys, hash_tokens, num_tokens)
+                           for t, gs in groups.items())
+            out.append(ReplicaScore(replica=name, tiers=tiers, total=gpu + best_ext,
+                                    affinity=affinity, load=load))
     return out
 
 
 def pick(scores: Sequence[ReplicaScore]) -> ReplicaScore | None:
-    """Most total tokens; ties to the lowest load, then configured order."""
+    """Most total tokens, then affinity, then the lowest load, then configured order."""
     best = None
     for s in scores:
-        if best is None or (s.total, -s.load) > (best.total, -best.load):
+        if best is None or (s.total, s.affinity, -s.load) > (best.total, best.affinity, -best.load):
             best = s
     return best

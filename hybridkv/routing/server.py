@@ -72,7 +72,13 @@ def make_server(router: Router, host: str, port: int) -> ThreadingHTTPServer:
                 answer = router.route(body.token_ids, block_hashes=hashes,
                                       num_tokens=body.num_tokens, loads=body.loads,
                                       record=body.record)
-            except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except msgspec.ValidationError as exc:
+                self._send(400, {"error": f"bad request body: {exc}"})
+                return
+            except msgspec.DecodeError as exc:
+                self._send(400, {"error": f"request body is not JSON: {exc}"})
+                return
+            except ValueError as exc:
                 self._send(400, {"error": str(exc)})
                 return
             self._send(200, answer)
