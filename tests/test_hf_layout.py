@@ -50,7 +50,6 @@ JAMBA_MINI = {  # ai21labs/AI21-Jamba-Mini-1.5
     "num_key_value_heads": 8, "attn_layer_period": 8, "attn_layer_offset": 4,
     "expert_layer_period": 2, "expert_layer_offset": 1, "mamba_d_state": 16,
     "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 256,
-    "mamba_ssm_cache_dtype": "float32",
 }
 GRANITE_4_H = {  # ibm-granite/granite-4.0-h-small: layer_types with the legacy names
     "architectures": ["GraniteMoeHybridForCausalLM"], "model_type": "granitemoehybrid",
@@ -66,7 +65,7 @@ NEMOTRON_H = {  # nvidia/Nemotron-H-8B-Base-8K
     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
     "hybrid_override_pattern": "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
     "mamba_num_heads": 128, "mamba_head_dim": 64, "ssm_state_size": 128, "n_groups": 8,
-    "conv_kernel": 4, "expand": 2, "mamba_ssm_cache_dtype": "float32",
+    "conv_kernel": 4, "expand": 2,
 }
 GPT_OSS_20B = {  # openai/gpt-oss-20b
     "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "torch_dtype": "bfloat16",
@@ -164,21 +163,24 @@ def test_qwen3_next_matches_vllm_gated_delta_net_state(tmp_path):
     assert expected == SIM_MODELS["qwen3_next_80b"].layout.groups[1].page_bytes
 
 
-def test_jamba_period_offset_and_fp32_ssm_state(tmp_path):
+def test_jamba_period_offset_and_ssm_dtype(tmp_path):
     from vllm.model_executor.layers.mamba.mamba_utils import MambaStateShapeCalculator as C
 
     m = sim_model_from_hf_config(write(tmp_path, "jamba", JAMBA_MINI))
     assert layers_of(m, GroupKind.FULL) == [4, 12, 20, 28]
-    conv, ssm = C.mamba1_state_shape(1, 2 * 4096, 16, 4)
-    expected = conv[0] * conv[1] * 2 + ssm[0] * ssm[1] * 4  # bf16 conv, fp32 SSM
-    assert {g.page_bytes for g in m.layout.groups if g.kind is GroupKind.STATE} == {expected}
-    assert expected == SIM_MODELS["jamba_mini"].layout.groups[1].page_bytes
     assert kinds_of(m) == [(GroupKind.STATE, 4, None)] * 7 + [(GroupKind.FULL, 4, None)]
+    conv, ssm = C.mamba1_state_shape(1, 2 * 4096, 16, 4)
+    state = {g.page_bytes for g in m.layout.groups if g.kind is GroupKind.STATE}
+    assert state == {(conv[0] * conv[1] + ssm[0] * ssm[1]) * 2}  # vLLM's default: model dtype
+    fp32 = sim_model_from_hf_config(dict(JAMBA_MINI, mamba_ssm_cache_dtype="float32"))
+    expected = conv[0] * conv[1] * 2 + ssm[0] * ssm[1] * 4  # bf16 conv, fp32 SSM
+    assert {g.page_bytes for g in fp32.layout.groups if g.kind is GroupKind.STATE} == {expected}
+    assert expected == SIM_MODELS["jamba_mini"].layout.groups[1].page_bytes  # the preset's
 
 
 @pytest.mark.parametrize("name,cfg,heads,head_dim,groups,ssm_bytes", [
     ("granite", GRANITE_4_H, 128, 64, 1, 2),
-    ("nemotron", NEMOTRON_H, 128, 64, 8, 4),
+    ("nemotron", NEMOTRON_H, 128, 64, 8, 4),  # vLLM keeps Nemotron-H's SSM state in fp32
     ("bamba", BAMBA, 128, 64, 1, 2),  # mamba_d_head "auto": 2 x 4096 / 128
 ])
 def test_mamba2_state_matches_vllm(tmp_path, name, cfg, heads, head_dim, groups, ssm_bytes):

@@ -23,7 +23,8 @@ Bytes, in the model's ``torch_dtype`` / ``dtype`` (bf16 when absent):
   ``heads x head_dim x d_state`` plus conv state ``(d_conv - 1) x (heads x head_dim +
   2 x groups x d_state)``;
 - Mamba-1 (Jamba): SSM ``expand x hidden x d_state`` plus conv ``(d_conv - 1) x expand x
-  hidden``. The SSM state uses ``mamba_ssm_cache_dtype`` when the config sets it.
+  hidden``. The SSM state uses ``mamba_ssm_cache_dtype`` (``mamba_ssm_dtype``) when the
+  config sets it, else vLLM's default: the model dtype (float32 for Nemotron-H).
 
 Layers are grouped as vLLM's hybrid allocator groups them: one bucket per kind
 (and window), group size = the smallest bucket (the largest when it is under 1.5x
@@ -248,8 +249,10 @@ def sim_model_from_hf_config(config: Mapping[str, Any] | str | os.PathLike, *,
     kinds = layer_kinds(cfg, where)
     dtype = str(f.get("torch_dtype", "dtype", default="bfloat16")).removeprefix("torch.")
     dt = _dtype_bytes(dtype, where, "torch_dtype")
-    ssm = f.get("mamba_ssm_cache_dtype")
-    ssm_dt = dt if ssm in (None, "auto") else _dtype_bytes(ssm, where, "mamba_ssm_cache_dtype")
+    ssm = f.get("mamba_ssm_cache_dtype", "mamba_ssm_dtype")
+    if ssm in (None, "auto"):  # vLLM's default: the model dtype, fp32 for Nemotron-H
+        ssm = "float32" if model_type.startswith("nemotron_h") else dtype
+    ssm_dt = _dtype_bytes(ssm, where, "mamba_ssm_cache_dtype")
     hidden = f.int("hidden_size")
     buckets: dict[tuple, list[int]] = {}
     for i, kind in enumerate(kinds):
