@@ -385,6 +385,13 @@ def test_bad_argument_through_the_console_script(tmp_path):
         f"hybridkv gc: error: --cache-dir {tmp_path / 'missing'}: no such directory"]
 
 
+def test_simulate_a_trace_too_short_to_cache(tmp_path, capsys):
+    trace = tmp_path / "short.jsonl"
+    trace.write_text('{"timestamp": 0, "input_length": 100, "hash_ids": [1, 2]}\n')
+    rc, out, err = cli(["simulate", "--trace", trace, "--model", "gemma3_27b"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "256-token chunk" in err and out == ""
+
+
 def test_bad_trace_line_is_named(tmp_path, capsys):
     trace = tmp_path / "t.jsonl"
     trace.write_text('{"timestamp": 0, "input_length": 64, "hash_ids": [1]}\n{"oops": 1}\n')

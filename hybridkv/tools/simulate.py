@@ -173,6 +173,10 @@ def simulate(trace: Trace, model: SimModel, budgets: list[Budget], policies: lis
         raise ToolError(f"--jobs {jobs}: must be at least 1")
     _check_blocks(trace, model)
     ws = working_set_bytes(trace, model)
+    if ws == 0:
+        chunk = min(g.chunk_tokens for g in model.layout.groups)
+        raise ToolError(f"trace {trace.name}: no prompt fills one {chunk}-token chunk of "
+                        f"{model.name}; there is nothing to cache")
     cells: list[tuple] = [(UNBOUNDED, None, None, None)]
     for b in budgets:
         size = b.bytes_for(ws)
