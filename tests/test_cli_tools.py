@@ -329,6 +329,20 @@ def test_simulate_says_when_matplotlib_is_missing(small_trace, tmp_path, capsys,
     assert rc == 2 and err.count("\n") == 1 and "matplotlib" in err and out == ""
 
 
+def test_a_bad_layout_file_is_named_and_can_be_left_out(cache, capsys):
+    b = cache["b"]
+    b.paths.layout_file.write_text('{"format_version": 1, "fingerprint": "x"}')
+    rc, out, err = cli(["inspect", "--cache-dir", cache["root"]], capsys)
+    assert rc == 2 and err.count("\n") == 1 and str(b.paths.layout_file) in err
+    b.paths.layout_file.write_text('{"format_version": 99}')
+    rc, out, err = cli(["verify", "--cache-dir", cache["root"]], capsys)
+    assert rc == 2 and "newer" in err and str(b.paths.layout_file) in err
+    rc, out, err = cli(["inspect", "--cache-dir", cache["root"], "--fingerprint",
+                        cache["a"].fingerprint, "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["layouts"][0]["chunks"] == len(cache["written"])
+
+
 # ------------------------------------------------------------------ bad arguments
 def _bad_cases(root: Path, tmp: Path, trace: Path):
     (tmp / "empty").mkdir(exist_ok=True)

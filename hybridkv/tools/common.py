@@ -116,19 +116,18 @@ def layout_dirs(cache_dir: str | os.PathLike, fingerprints: Iterable[str] = ()) 
     """Every layout directory under ``cache_dir`` (those named in ``fingerprints`` if any)."""
     root = check_cache_dir(cache_dir)
     wanted = list(fingerprints)
-    found = []
-    for entry in sorted(_scandir(root), key=lambda e: e.name):
-        if entry.is_dir() and (Path(entry.path) / "layout.json").is_file():
-            found.append(LayoutDir(root, Path(entry.path), read_layout(Path(entry.path))))
-    names = {d.fingerprint for d in found}
+    paths = [Path(e.path) for e in sorted(_scandir(root), key=lambda e: e.name)
+             if e.is_dir() and (Path(e.path) / "layout.json").is_file()]
+    names = {p.name for p in paths}
     for fp in wanted:
         if fp not in names:
             raise ToolError(f"--fingerprint {fp}: no layout directory {root / fp} "
                             f"(found: {', '.join(sorted(names)) or 'none'})")
-    if not found:
+    if not paths:
         raise ToolError(f"--cache-dir {os.fspath(cache_dir)}: no layout directories "
                         "(<fingerprint>/layout.json) found; is this a hybridkv cache_dir?")
-    return [d for d in found if not wanted or d.fingerprint in wanted]
+    # only the selected layout files are read: a bad one elsewhere can be left out
+    return [LayoutDir(root, p, read_layout(p)) for p in paths if not wanted or p.name in wanted]
 
 
 def _scandir(path: Path) -> list[os.DirEntry]:

@@ -128,12 +128,11 @@ def gc_cache(cache_dir: str | os.PathLike, *, budget: int | None = None,
     if other_fingerprints and not fingerprints:
         raise ToolError("--other-fingerprints: name the layout(s) to keep with --fingerprint FP "
                         "(see `hybridkv inspect`)")
-    every = layout_dirs(cache_dir)
-    kept = layout_dirs(cache_dir, fingerprints) if fingerprints else every
+    kept = layout_dirs(cache_dir, fingerprints)
     removed = []
     if other_fingerprints:
         keep = {d.fingerprint for d in kept}
-        for d in every:
+        for d in layout_dirs(cache_dir):
             if d.fingerprint in keep:
                 continue
             files, size = _dir_bytes(d.path)
