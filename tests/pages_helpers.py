@@ -16,7 +16,7 @@ from hybridkv.store.chunk_store import ChunkStore
 BLOCKS_PER_CHUNK = 4
 NUM_BLOCKS = 64
 PAGE = 96            # attention page bytes per layer per block
-STATE_PAGE = 200     # un-padded state page; its row is padded to ROW
+STATE_PAGE = 202     # un-padded state page (2-byte aligned only); its row is padded to ROW
 ROW = 256
 
 

@@ -197,3 +197,19 @@ def test_read_into_payload_is_read_in_place(tmp_path):
         payload = _payload(buf, arrays, header.payload_bytes)
         assert payload.data_ptr() == buf.data.data_ptr()
         assert np.array_equal(payload.numpy(), np.concatenate([a.ravel() for a in arrays]))
+
+
+@pytest.mark.parametrize("page,row,offset,size", [
+    (96, 96, 0, 8), (200, 256, 96, 8), (100, 256, 0, 4), (202, 256, 0, 2), (99, 256, 0, 1),
+    (96, 96, 4, 4), (96, 100, 0, 4)])
+def test_wide_view_is_the_same_bytes(page, row, offset, size):
+    from hybridkv.pages.copier import wide_view
+
+    t = torch.randint(-128, 128, (8, row), dtype=torch.int8)
+    view, got = wide_view(t, page, offset)
+    assert got == size
+    assert torch.equal(view.contiguous().view(torch.int8).view(8, page), t[:, :page])
+    before = t.clone()
+    view[3] = 0  # a view: writes land in the tensor's first `page` bytes of the row only
+    assert (t[3, :page] == 0).all() and torch.equal(t[3, page:], before[3, page:])
+    assert torch.equal(t[:3], before[:3]) and torch.equal(t[4:], before[4:])

