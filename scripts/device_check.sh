@@ -47,7 +47,7 @@ cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/nul
 [ "$cuda" = 1 ] || log "NO CUDA: gpu tests will skip, the benchmark runs on CPU"
 
 log "pytest -m gpu tests/test_gpu_pages.py"
-timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_gpu_pages.py \
+timeout 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_gpu_pages.py \
     --junitxml="$OUT/pytest_gpu.xml" >"$OUT/pytest_gpu.log" 2>&1
 rc=$?
 tail -25 "$OUT/pytest_gpu.log"
@@ -59,7 +59,7 @@ fi
 
 log "benchmarks/gpu_transfer.py $BENCH_ARGS"
 # shellcheck disable=SC2086
-timeout 240 "$PY" benchmarks/gpu_transfer.py --out "$OUT/gpu_transfer.json" $BENCH_ARGS \
+timeout 210 "$PY" benchmarks/gpu_transfer.py --out "$OUT/gpu_transfer.json" $BENCH_ARGS \
     >"$OUT/gpu_transfer.log" 2>&1
 rc=$?
 cat "$OUT/gpu_transfer.log"
