@@ -19,7 +19,8 @@ import msgspec
 
 from hybridkv.capacity import DEFAULT_HEADROOM
 from hybridkv.policies import policy_names
-from hybridkv.store.fileio import DURABILITY_CHOICES
+from hybridkv.store.fileio import DURABILITY_CHOICES, IO_MODE_CHOICES
+from hybridkv.store.integrity import IntegrityKeyError, load_key
 
 __all__ = ["ConfigError", "HybridKVConfig", "parse_size", "VLLM_KEYS"]
 
@@ -67,6 +68,10 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
     file_mode: int = 0o600
     dir_mode: int = 0o700
     io_threads: int = 4
+    #: "buffered" (page cache) or "direct" (O_DIRECT; buffered where the filesystem refuses it)
+    io_mode: str = "buffered"
+    #: file holding a secret: tag every chunk file, serve only correctly tagged ones
+    integrity_key_file: str | None = None
     #: seconds between directory rescans when a lookup misses (0 disables)
     refresh_interval: float = 2.0
     #: capacity policy: "group_aware" | "lru" | "watermark" (see hybridkv.policies)
@@ -87,6 +92,17 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir)
+
+    @property
+    def integrity_key(self) -> bytes | None:
+        """The secret of ``integrity_key_file``, read now; ConfigError for a missing, short,
+        world-readable or unreadable file (the engine reads it at start, before any load)."""
+        if self.integrity_key_file is None:
+            return None
+        try:
+            return load_key(self.integrity_key_file)
+        except IntegrityKeyError as exc:
+            raise ConfigError(f"integrity_key_file: {exc}") from None
 
     @property
     def fleet_enabled(self) -> bool:
@@ -124,6 +140,17 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 256:
                 raise ConfigError(f"io_threads: expected an integer in 1..256, got {n!r}")
             kwargs["io_threads"] = n
+        if "io_mode" in extra:
+            if extra["io_mode"] not in IO_MODE_CHOICES:
+                raise ConfigError(
+                    f"io_mode: {extra['io_mode']!r} is not one of {IO_MODE_CHOICES}")
+            kwargs["io_mode"] = extra["io_mode"]
+        if extra.get("integrity_key_file") is not None:
+            key_file = extra["integrity_key_file"]
+            if not isinstance(key_file, (str, os.PathLike)) or not os.fspath(key_file):
+                raise ConfigError(f"integrity_key_file: expected a path, got {key_file!r}")
+            # the file itself is checked where the key is read (``integrity_key``), at start
+            kwargs["integrity_key_file"] = os.fspath(key_file)
         if "refresh_interval" in extra:
             r = extra["refresh_interval"]
             if isinstance(r, bool) or not isinstance(r, (int, float)) or r < 0:

@@ -39,7 +39,13 @@ import xxhash
 from hybridkv.chunks import ChunkRecord
 from hybridkv.groups import HybridLayout
 from hybridkv.keys import ChunkKey, key_from_hex, key_group, key_hex
-from hybridkv.store.direct import DIRECT_ALIGN, StagingBuffers, align_up, aligned_empty
+from hybridkv.store.direct import (
+    DIRECT_ALIGN,
+    StagingBuffers,
+    align_up,
+    aligned_empty,
+    is_aligned,
+)
 from hybridkv.store.fileio import FileIO, tmp_name_prefix
 from hybridkv.store.format import (
     FORMAT_VERSION,
@@ -49,6 +55,7 @@ from hybridkv.store.format import (
     ChunkTooNew,
     MAX_HEADER_BYTES,
     ChunkUnreadable,
+    PayloadHasher,
     build_head,
     read_header,
     verify,
@@ -89,6 +96,7 @@ class ChunkStore:
         self.tagger = Tagger(integrity_key) if integrity_key else None
         self._staging = StagingBuffers()
         self._max_file_bytes: dict[int, int] = {}
+        self._group_dirs: dict[int, str] = {}
 
     # ------------------------------------------------------------------ setup
     def ensure_dirs(self) -> None:
@@ -137,6 +145,15 @@ class ChunkStore:
     def path(self, key: bytes, rank: int | None = None) -> Path:
         return self.paths.chunk(key, rank)
 
+    def _path_str(self, key: bytes) -> str:
+        """``str(self.path(key))`` without pathlib's cost (hot path of small chunks)."""
+        group = key_group(key)
+        gdir = self._group_dirs.get(group)
+        if gdir is None:
+            gdir = self._group_dirs[group] = str(self.paths.group_dir(group))
+        hx = key_hex(key)
+        return f"{gdir}/{hx[:2]}/{hx}{CHUNK_SUFFIX}"
+
     def exists(self, key: bytes) -> bool:
         return self.path(key).exists()
 
@@ -144,9 +161,10 @@ class ChunkStore:
               arrays: Sequence[np.ndarray], parent: bytes | None = None) -> int:
         """Store one chunk. Returns bytes written (0 if it already existed)."""
         group = self.layout.group(key_group(key))
-        path = self.path(key)
-        if path.exists():
+        path_str = self._path_str(key)
+        if os.path.exists(path_str):
             return 0
+        path = Path(path_str)
         if len(arrays) != len(group.layer_names):
             raise ValueError(f"group {group.index}: {len(arrays)} arrays for "
                              f"{len(group.layer_names)} layers")
@@ -173,7 +191,10 @@ class ChunkStore:
                                   align_total=DIRECT_ALIGN if direct else 0))
         hasher = xxhash.xxh3_64()
         mac = self.tagger.start() if self.tagger else None
-        if direct:  # one aligned buffer: copy and hash each slice while it is in cache
+        # O_DIRECT straight from the caller's pages when they are whole aligned pages
+        # (a KV cache's usually are); the head is then a page multiple itself
+        zero_copy = direct and all(is_aligned(v) for v in views)
+        if direct and not zero_copy:  # one aligned buffer: copy + hash each slice in cache
             total = head_len + payload_bytes
             staging = self._staging.get(total)
             dst = memoryview(staging)
@@ -198,7 +219,11 @@ class ChunkStore:
                           align_total=DIRECT_ALIGN if direct else 0)
         if len(head) != head_len:  # pragma: no cover - fixed-width fields
             raise AssertionError("chunk header changed length")
-        if direct:
+        if zero_copy:
+            head_buf = memoryview(self._staging.get(head_len))[:head_len]
+            head_buf[:] = head
+            self.io.write_atomic(path, [head_buf, *views])
+        elif direct:
             dst[:head_len] = head
             self.io.write_atomic(path, dst[:total])
         else:
@@ -241,21 +266,22 @@ class ChunkStore:
         raises, and ValueError for a buffer too small for the file.
         """
         group = self.layout.group(key_group(key))
-        path = self.path(key)
+        path = self._path_str(key)
         view = memoryview(buf)
         if view.readonly or not view.c_contiguous:
             raise ValueError("read_into needs a writable, C-contiguous buffer")
         view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        hashed = PayloadHasher(view, self.tagger.start() if self.tagger else None)
         try:
-            size, got = self.io.read_into(path, view)
+            size, got = self.io.read_into(path, view, hashed, _SLICE_BYTES)
         except FileNotFoundError as exc:
-            raise ChunkMissing(f"no chunk file {path.name}") from exc
+            raise ChunkMissing(f"no chunk file {os.path.basename(path)}") from exc
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 raise ChunkMissing(str(exc)) from exc
             if exc.errno not in (errno.EACCES, errno.EPERM):
                 self.quarantine(key, f"read failed: {exc}")
-            raise ChunkUnreadable(f"cannot read {path.name}: {exc}") from exc
+            raise ChunkUnreadable(f"cannot read {os.path.basename(path)}: {exc}") from exc
         try:
             if size > len(view):
                 if len(view) < self.max_file_bytes(group.index):
@@ -268,7 +294,7 @@ class ChunkStore:
             return verify(view[:size], dict(
                 fingerprint=self.fingerprint, key=key_hex(key), group=group.index,
                 kind=group.kind.value, chunk_tokens=group.chunk_tokens,
-                layer_names=group.layer_names), self.tagger)
+                layer_names=group.layer_names), self.tagger, hashed)
         except ChunkCorrupt as exc:
             self.quarantine(key, str(exc))
             raise

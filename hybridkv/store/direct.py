@@ -35,8 +35,11 @@ def aligned_empty(nbytes: int, align: int = DIRECT_ALIGN) -> np.ndarray:
 
 
 def is_aligned(view: memoryview | np.ndarray, align: int = DIRECT_ALIGN) -> bool:
+    """Whether ``view`` (contiguous) starts on and spans whole ``align``-byte pages."""
+    if view.nbytes % align:
+        return False
     arr = np.frombuffer(view, dtype=np.uint8) if isinstance(view, memoryview) else view
-    return arr.ctypes.data % align == 0 and arr.nbytes % align == 0
+    return arr.ctypes.data % align == 0
 
 
 class StagingBuffers:

@@ -10,8 +10,8 @@ Invariants:
   re-raised.
 - ``durability="full"`` also fsyncs the directory so the rename survives a
   power loss.
-- ``io_mode="direct"`` opens with O_DIRECT exactly when the buffer allows it
-  (one page-aligned buffer of whole pages to write; a page-aligned buffer
+- ``io_mode="direct"`` opens with O_DIRECT exactly when the buffers allow it
+  (page-aligned buffers of whole pages to write; a page-aligned buffer
   with room for the file rounded up to a page to read); otherwise, and for good
   once a filesystem answers EINVAL (tmpfs, overlayfs, some NFS), it uses
   buffered I/O and logs that once. The bytes on disk are the same either way.
@@ -95,7 +95,7 @@ class FileIO:
         tmp = path.with_name(f"{tmp_name_prefix()}{n}.{path.name}.tmp")
         bufs = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        direct = self.direct and len(bufs) == 1 and is_aligned(memoryview(bufs[0]))
+        direct = self.direct and all(is_aligned(memoryview(b).cast("B")) for b in bufs)
         if direct:
             flags |= O_DIRECT
         try:
@@ -161,12 +161,16 @@ class FileIO:
     def _before_read(self, op: str, path: Path) -> None:
         """Hook called before every read of file contents (fault injection overrides it)."""
 
-    def read_into(self, path: Path, buf: memoryview) -> tuple[int, int]:
+    def read_into(self, path: Path, buf: memoryview, consume=None,
+                  slice_bytes: int = 0) -> tuple[int, int]:
         """Read the whole file at ``path`` into the start of ``buf`` (flat bytes).
 
         Returns ``(file size, bytes read)``: nothing is read when the file does not
         fit; fewer bytes than the size only if the file changed while being read.
         Raises FileNotFoundError when it is gone, OSError on I/O errors.
+        ``consume(n)``, when given, is called each time ``buf[:n]`` has grown; buffered
+        reads then go in ``slice_bytes`` pieces, so the consumer sees them in cache.
+        O_DIRECT reads stay one request (device queue depth matters more there).
         """
         self._before_read("read", Path(path))
         direct = self.direct and len(buf) % 4096 == 0 and is_aligned(buf[:4096])
@@ -185,8 +189,9 @@ class FileIO:
             want = min(align_up(size), len(buf)) if direct else size
             got = 0
             while got < size:
+                end = want if direct or not slice_bytes else min(want, got + slice_bytes)
                 try:
-                    n = os.preadv(fd, [buf[got:want]], got)
+                    n = os.preadv(fd, [buf[got:end]], got)
                 except OSError as exc:
                     if not direct or exc.errno != errno.EINVAL:
                         raise
@@ -198,6 +203,8 @@ class FileIO:
                 if n <= 0:
                     break
                 got += n
+                if consume is not None:
+                    consume(min(got, size))
             return size, min(got, size)
         finally:
             os.close(fd)

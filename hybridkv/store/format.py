@@ -25,7 +25,6 @@ Invariants:
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Sequence
 
@@ -48,6 +47,7 @@ __all__ = [
     "build_head",
     "checksum",
     "verify",
+    "PayloadHasher",
     "encode",
     "decode",
     "read_header",
@@ -110,6 +110,7 @@ class ChunkHeader(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _header_decoder = msgspec.json.Decoder(ChunkHeader)
+_table_decoder = msgspec.json.Decoder()
 
 
 def checksum(arrays: Sequence[np.ndarray]) -> str:
@@ -183,7 +184,9 @@ def _parse_header(prefix: bytes | memoryview) -> tuple[ChunkHeader, dict, int]:
     if n > _MAX_HEADER_BYTES or len(prefix) < 8 + n:
         raise ChunkCorrupt("truncated or oversized safetensors header")
     try:
-        st_header = json.loads(bytes(prefix[8:8 + n]))
+        st_header = _table_decoder.decode(prefix[8:8 + n])
+        if not isinstance(st_header, dict):
+            raise TypeError("safetensors header is not an object")
         raw = st_header["__metadata__"][META_KEY]
         header = _header_decoder.decode(raw)
     except (ValueError, KeyError, TypeError, msgspec.DecodeError) as exc:
@@ -209,14 +212,20 @@ def decode(data: bytes | bytearray | memoryview, **expect) -> tuple[ChunkHeader,
     return verify(memoryview(data), expect)
 
 
-def verify(view: memoryview, expect: dict, tagger=None) -> tuple[ChunkHeader, list[np.ndarray]]:
+def verify(view: memoryview, expect: dict, tagger=None,
+           hashed: PayloadHasher | None = None) -> tuple[ChunkHeader, list[np.ndarray]]:
     """Check a whole chunk file held in ``view``; return its header and per-layer views.
 
     ``expect``: header fields that must match. ``tagger`` (an
     ``integrity.Tagger``): the file must also carry its valid keyed tag, else
-    ``ChunkUntrusted``. Nothing is returned unless every check passed.
+    ``ChunkUntrusted``. ``hashed``: a ``PayloadHasher`` that already hashed this
+    very ``view`` while it was read (used only if it covered exactly the payload).
+    Nothing is returned unless every check passed.
     """
-    header, st_header, data_start = _parse_header(view)
+    if hashed is not None and hashed.parsed is not None:
+        header, st_header, data_start = hashed.parsed  # parsed from these very bytes
+    else:
+        header, st_header, data_start = _parse_header(view)
     for field, want in expect.items():
         got = getattr(header, field)
         if got != want:
@@ -242,8 +251,54 @@ def verify(view: memoryview, expect: dict, tagger=None) -> tuple[ChunkHeader, li
             offset += n
     except (KeyError, TypeError, ValueError) as exc:
         raise ChunkCorrupt(f"malformed tensor table: {exc}") from exc
-    if xxhash.xxh3_64_hexdigest(payload) != header.checksum:
+    done = hashed is not None and hashed.covered(data_start, header.payload_bytes)
+    digest = hashed.hasher.hexdigest() if done else xxhash.xxh3_64_hexdigest(payload)
+    if digest != header.checksum:
         raise ChunkCorrupt("payload checksum mismatch")
     if tagger is not None:
-        tagger.check(header, payload)
+        tagger.check(header, payload, hashed.mac if done else None)
     return header, arrays
+
+
+class PayloadHasher:
+    """Hashes a chunk's payload while the file is read into ``view`` (``update(n)``
+    after each piece): xxh3, plus the keyed MAC when ``mac`` is given, over bytes
+    still in cache. ``verify`` trusts it only if it saw exactly the payload range."""
+
+    __slots__ = ("view", "hasher", "mac", "start", "end", "pos", "failed", "parsed")
+
+    def __init__(self, view: memoryview, mac=None):
+        self.view, self.mac = view, mac
+        self.hasher = xxhash.xxh3_64()
+        self.start = self.end = self.pos = -1
+        self.failed = False
+        self.parsed: tuple[ChunkHeader, dict, int] | None = None
+
+    def __call__(self, avail: int) -> None:
+        if self.failed:
+            return
+        if self.start < 0:
+            if avail < 8:
+                return
+            (n,) = struct.unpack("<Q", self.view[:8])
+            if avail < 8 + n or n > _MAX_HEADER_BYTES:
+                self.failed = avail >= 8 + min(n, _MAX_HEADER_BYTES)
+                return
+            try:
+                self.parsed = _parse_header(self.view[:8 + n])
+            except ChunkError:
+                self.failed = True  # verify will say why
+                return
+            header = self.parsed[0]
+            self.start = self.pos = 8 + n
+            self.end = self.start + header.payload_bytes
+        stop = min(avail, self.end)
+        if stop > self.pos:
+            piece = self.view[self.pos:stop]
+            self.hasher.update(piece)
+            if self.mac is not None:
+                self.mac.update(piece)
+            self.pos = stop
+
+    def covered(self, start: int, length: int) -> bool:
+        return not self.failed and self.start == start and self.pos == self.end == start + length

@@ -87,8 +87,10 @@ class Tagger:
         mac.update(payload)
         return self.finish(mac, header)
 
-    def check(self, header: ChunkHeader, payload) -> None:
+    def check(self, header: ChunkHeader, payload, mac=None) -> None:
+        """``mac``: a MAC from ``start`` already fed exactly ``payload``."""
         if not header.tag:
             raise ChunkUntrusted("no integrity tag (written without the key, or forged)")
-        if not hmac.compare_digest(self.tag(header, payload), header.tag):
+        tag = self.finish(mac, header) if mac is not None else self.tag(header, payload)
+        if not hmac.compare_digest(tag, header.tag):
             raise ChunkUntrusted("integrity tag mismatch (written with another key, or forged)")
