@@ -40,10 +40,12 @@ __all__ = ["PrefixIndex", "ReplicaStatus", "DEFAULT_MAX_ENTRIES", "vllm_kind"]
 DEFAULT_MAX_ENTRIES = 1_000_000
 
 #: vLLM's ``kv_cache_spec_kind`` values -> our group kinds
+#: (vLLM's ``KVCacheSpecKind``; others, e.g. ``"unknown"``, are not checked)
 _VLLM_KINDS = {
-    "full_attention": GroupKind.FULL, "sliding_window": GroupKind.SLIDING,
-    "chunked_local_attention": GroupKind.SLIDING, "mamba": GroupKind.STATE,
-    "state": GroupKind.STATE,
+    "full_attention": GroupKind.FULL, "mla_attention": GroupKind.FULL,
+    "sink_full_attention": GroupKind.FULL, "sliding_window": GroupKind.SLIDING,
+    "sliding_window_mla": GroupKind.SLIDING, "chunked_local_attention": GroupKind.SLIDING,
+    "mamba": GroupKind.STATE,
 }
 
 
