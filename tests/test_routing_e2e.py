@@ -1,0 +1,82 @@
+"""End to end: two `hybridkv serve` engines publish KV events; the router routes a prefix to
+the one that holds it, and that engine's cached tokens equal the router's prediction.
+
+Engine A serves a prompt; B never sees it (separate cache directories). For a follow-up
+that extends the prompt the router must pick A, promise B nothing, and vLLM's
+``usage.prompt_tokens_details.cached_tokens`` on A must equal the predicted tokens (GPU
+prefix cache first, hybridkv's STORAGE tier after it). Starts two engines: several minutes
+on the shared 2-core box.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+import pytest
+
+from served import free_port, serve
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+
+def _cached(resp: dict) -> int:
+    return (resp["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+
+def test_router_picks_the_engine_holding_the_prefix(tiny_model, tmp_path):
+    from hybridkv.routing.hashing import RequestHasher
+    from hybridkv.routing.layout import load_layout
+    from hybridkv.routing.router import Router
+    from hybridkv.routing.subscriber import EventSubscriber
+
+    model = str(tiny_model("gemma3"))
+    ports = {"a": free_port(), "b": free_port()}
+    rng = random.Random(13)
+    prompt = [rng.randrange(4, 500) for _ in range(5 * 128 + 10)]
+    follow_up = prompt + [rng.randrange(4, 500) for _ in range(100)]
+
+    def args(name):
+        cfg = {"enable_kv_cache_events": True, "publisher": "zmq",
+               "endpoint": f"tcp://*:{ports[name]}"}
+        return ("--kv-events-config", json.dumps(cfg), "--enable-prompt-tokens-details")
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with serve(tmp_path / "a", model, *args("a")) as a, serve(tmp_path / "b", model, *args("b")) as b:
+        layout = load_layout(a.cache)
+        assert load_layout(b.cache) == layout
+        hasher = RequestHasher("sha256", os.environ.get("PYTHONHASHSEED"),
+                               min(g.block_tokens for g in layout.groups))
+        router = Router(layout, ["b", "a"], hasher=hasher)  # b first: a tie would pick b
+        sub = EventSubscriber(router.index, {n: f"tcp://127.0.0.1:{p}" for n, p in ports.items()})
+        try:
+            assert sub.wait_connected(30) == []
+            time.sleep(1.0)  # the SUB's subscription reaches the publishers
+            before = router.route(follow_up, record=False)
+            assert before.predicted_tokens == 0
+
+            first = a.complete(prompt)
+            assert _cached(first) == 0
+
+            def scores():
+                return {s.replica: s for s in router.route(follow_up, record=False).replicas}
+
+            deadline = time.time() + 120
+            while not (scores()["a"].tiers["GPU"] > 0 and scores()["a"].tiers["STORAGE"] > 0):
+                assert time.time() < deadline, (scores(), router.index.status("a"))
+                time.sleep(0.5)
+            answer = router.route(follow_up)
+            by = {s.replica: s for s in answer.replicas}
+            assert answer.pick == "a", answer
+            assert by["b"].total == 0 and by["b"].tiers == {t: 0 for t in by["b"].tiers}
+            # 5 complete 128-token blocks of the prompt: the hit rule's answer on both tiers
+            assert by["a"].tiers["GPU"] == by["a"].tiers["STORAGE"] == 640
+            served = a.complete(follow_up)
+            assert _cached(served) == answer.predicted_tokens == 640, (served["usage"], answer)
+            # and the engine that was promised nothing serves nothing from cache
+            assert _cached(b.complete(follow_up)) == by["b"].total == 0
+        finally:
+            sub.close()
