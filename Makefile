@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.hybridkv-installed
+COMPAT_VLLM ?= 0.33.0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench compat clean
 
 setup: $(STAMP)
 
@@ -34,6 +35,11 @@ bench: setup
 	$(PY) benchmarks/restart.py --out restart.json
 	$(PY) benchmarks/ttft.py --runs-long 2 --out ttft.json
 	$(PY) benchmarks/overhead.py --out overhead.json
+
+# vLLM 0.33 in its own venv (.venv-compat): the CUDA `vllm` wheel and its CUDA torch (several
+# GB, no GPU needed); runs the scheduler-level tests. Not part of `make test` (too heavy for CI).
+compat:
+	PYTHON=$(PYTHON) scripts/compat.sh $(COMPAT_VLLM)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
