@@ -207,3 +207,12 @@ def test_cli_serves_until_stopped(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_routing_core_imports_no_vllm():
+    code = ("import sys, hybridkv.routing.command, hybridkv.routing.server, "
+            "hybridkv.routing.subscriber, hybridkv.routing.layout, hybridkv.sim.routing; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
