@@ -34,7 +34,7 @@ bench: setup
 	$(PY) benchmarks/index_scale.py --out index_scale.json
 	$(PY) benchmarks/restart.py --out restart.json
 	$(PY) benchmarks/routing.py --out routing.json
-	$(PY) benchmarks/ttft.py --out ttft.json
+	$(PY) benchmarks/ttft.py --runs-long 2 --out ttft.json
 	$(PY) benchmarks/overhead.py --out overhead.json
 
 # vLLM 0.33 in its own venv (.venv-compat): the CUDA `vllm` wheel and its CUDA torch (several
