@@ -109,3 +109,13 @@ def test_hasher_rejects_bad_settings():
         RequestHasher("xxhash")
     with pytest.raises(ValueError, match="-1"):
         RequestHasher(block_tokens=-1)
+
+
+def test_newer_fields_are_ignored():
+    """vLLM 0.33 adds BlockStored.lookahead_token_ids; a 0.32 mirror still decodes its batches."""
+    payload = msgspec.msgpack.encode([1.0, [{
+        "type": "BlockStored", "block_hashes": [5], "parent_block_hash": None, "token_ids": [],
+        "block_size": 16, "lora_id": None, "medium": "GPU", "lora_name": None,
+        "lookahead_token_ids": [[1, 2]], "group_idx": 0}]])
+    (ev,) = ours.decode_batch(payload).events
+    assert isinstance(ev, ours.BlockStored) and ev.block_hashes == [5] and ev.group_idx == 0
