@@ -358,13 +358,13 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--dir", default=None, help="filesystem to test (default: system temp)")
     p.add_argument("--quick", action="store_true", help="fewer bytes, one repeat")
-    p.add_argument("--mib-per-case", type=int, default=None, help="default 256 (quick: 24)")
+    p.add_argument("--mib-per-case", type=int, default=None, help="default 96 (quick: 16)")
     p.add_argument("--threads", type=int, default=4, help="I/O threads on each side vs vLLM")
-    p.add_argument("--repeats", type=int, default=None, help="default 3 (quick: 1)")
+    p.add_argument("--repeats", type=int, default=None, help="default 2 (quick: 1)")
     a = p.parse_args()
     started = time.perf_counter()
-    mib = a.mib_per_case or (24 if a.quick else 256)
-    repeats = a.repeats or (1 if a.quick else 3)
+    mib = a.mib_per_case or (16 if a.quick else 96)
+    repeats = a.repeats or (1 if a.quick else 2)
     root = Path(tempfile.mkdtemp(prefix="hybridkv-io-", dir=a.dir))
     fs_io, vllm_note = _vllm_io()
     direct = _direct_ok(root)
@@ -379,7 +379,7 @@ def main() -> None:
         for name, kind, layers, page, blocks in CASES:
             if a.quick and name == "sliding_window":
                 continue  # the same shape as full_attention
-            n = max((2 if a.quick else 4) * a.threads, (mib * 2**20) // (layers * page * blocks))
+            n = max((1 if a.quick else 2) * a.threads, (mib * 2**20) // (layers * page * blocks))
             n -= n % a.threads
             case = Case(root, name, kind, layers, page, blocks, n)
             row = {"case": name, "kind": kind.value, "chunk_bytes": case.chunk_bytes, "chunks": n,

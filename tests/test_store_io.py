@@ -237,3 +237,30 @@ def test_roundtrip_any_page_size_and_mode(tmp_path_factory, mode, blocks, page, 
     except (ChunkCorrupt, ChunkMissing):
         return
     assert all(np.array_equal(a, b) for a, b in zip(got, arrays))
+
+
+def test_zero_copy_direct_store_from_aligned_pages(tmp_path):
+    """Aligned whole pages (a KV cache's) go to disk without the staging copy; the header
+    then fills whole pages, so the payload starts page-aligned in the file."""
+    if not direct_works(tmp_path):
+        pytest.skip("no O_DIRECT here")
+    s = ChunkStore(tmp_path, layout(page=4096, blocks=2), io_mode="direct")
+    s.ensure_dirs()
+    kv = aligned_empty(3 * 2 * 4096)
+    kv[:] = np.random.default_rng(8).integers(0, 256, kv.nbytes, dtype=np.uint8)
+    arrays = [kv[i * 8192:(i + 1) * 8192].reshape(2, 4096) for i in range(3)]
+    key = make_key(b"z" * 16, 0)
+    size = s.write(key, position=32, block_offset=0, arrays=arrays)
+    data = s.path(key).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    assert size == len(data) and (8 + n) % DIRECT_ALIGN == 0 and len(data) % DIRECT_ALIGN == 0
+    assert data[8 + n:] == kv.tobytes()
+    _, got = s.read_into(key, aligned_empty(s.max_file_bytes(0)))
+    assert all(np.array_equal(a, b) for a, b in zip(got, arrays))
+
+
+def test_fast_path_string_is_the_path(tmp_path):
+    s = ChunkStore(tmp_path, layout(), rank=3)
+    for g in (0, 1):
+        key = make_key(bytes(range(32)), g)
+        assert s._path_str(key) == str(s.path(key))

@@ -61,6 +61,7 @@ class FileIO:
         self.dir_mode = dir_mode
         self.io_mode = io_mode
         self.direct_refused = False  # a filesystem answered EINVAL to O_DIRECT
+        self._hooks_reads = type(self)._before_read is not FileIO._before_read
 
     @property
     def io_mode(self) -> str:
@@ -172,7 +173,8 @@ class FileIO:
         reads then go in ``slice_bytes`` pieces, so the consumer sees them in cache.
         O_DIRECT reads stay one request (device queue depth matters more there).
         """
-        self._before_read("read", Path(path))
+        if self._hooks_reads:  # pathlib costs more than a small chunk's read: only for hooks
+            self._before_read("read", Path(path))
         direct = self.direct and len(buf) % 4096 == 0 and is_aligned(buf[:4096])
         try:
             fd = os.open(path, os.O_RDONLY | (O_DIRECT if direct else 0))
