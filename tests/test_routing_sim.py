@@ -9,9 +9,6 @@ from hybridkv.sim.replay import replay, working_set_bytes
 from hybridkv.sim.routing import ROUTERS, replay_fleet, summarize
 from hybridkv.sim.traces import make_trace
 
-pytestmark = pytest.mark.fast
-
-
 @pytest.fixture(scope="module")
 def doc_cells():
     trace = make_trace("document_qa", scale="quick")
@@ -20,6 +17,7 @@ def doc_cells():
     return [replay_fleet(trace, model, r, replicas=4, budget=budget) for r in ROUTERS]
 
 
+@pytest.mark.fast
 def test_hybrid_aware_promises_exactly_what_it_serves(doc_cells):
     hybrid, full_only, rr = doc_cells
     assert hybrid.promised_not_served == 0 and hybrid.overpromised_requests == 0
@@ -35,6 +33,7 @@ def test_hybrid_aware_promises_exactly_what_it_serves(doc_cells):
     assert s["hybrid_aware"]["promised_not_served"] == 0
 
 
+@pytest.mark.fast
 def test_one_replica_is_the_single_engine_replay():
     trace = make_trace("multi_turn", scale="quick")
     model = SIM_MODELS["qwen3_next_80b"]
@@ -44,9 +43,31 @@ def test_one_replica_is_the_single_engine_replay():
     assert fleet.hit_tokens == single.hit_tokens and fleet.load_imbalance == 1.0
 
 
+@pytest.mark.fast
 def test_bad_arguments():
     trace = make_trace("multi_turn", scale="quick")
     with pytest.raises(ValueError, match="sticky"):
         replay_fleet(trace, SIM_MODELS["jamba_mini"], "sticky")
     with pytest.raises(ValueError, match="0"):
         replay_fleet(trace, SIM_MODELS["jamba_mini"], "round_robin", replicas=0)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_prints_its_targets(tmp_path):
+    """benchmarks/routing.py --quick: one target line per JSON target, saying the same."""
+    import json
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "routing.json"
+    proc = subprocess.run([sys.executable, "benchmarks/routing.py", "--quick", "--out", str(out)],
+                          cwd=repo, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    targets = json.loads(out.read_text())["targets"]
+    lines = re.findall(r"^target (\S+): (.*) \(goal (.+?)\) (MET|MISSED)", proc.stdout, re.M)
+    assert {name: status == "MET" for name, _, _, status in lines} == {
+        name: t["met"] for name, t in targets.items()}
+    assert targets["hybrid_aware_promised_not_served"]["figure"] == 0
