@@ -80,3 +80,41 @@ def test_router_picks_the_engine_holding_the_prefix(tiny_model, tmp_path):
             assert _cached(b.complete(follow_up)) == by["b"].total == 0
         finally:
             sub.close()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_next"])
+def test_prediction_equals_cached_tokens_with_state_groups(kind, tiny_model, tmp_path):
+    """A state (gated delta net) model: GPU-tier and STORAGE events of every group, and the
+    served follow-up's cached tokens equal the router's prediction."""
+    from hybridkv.routing.hashing import RequestHasher
+    from hybridkv.routing.layout import load_layout
+    from hybridkv.routing.router import Router
+    from hybridkv.routing.subscriber import EventSubscriber
+
+    model = str(tiny_model(kind))
+    port = free_port()
+    cfg = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{port}"}
+    rng = random.Random(7)
+    with serve(tmp_path, model, "--kv-events-config", json.dumps(cfg),
+               "--enable-prompt-tokens-details") as a:
+        layout = load_layout(a.cache)
+        block = min(g.block_tokens for g in layout.groups)
+        prompt = [rng.randrange(4, 500) for _ in range(3 * block + 10)]
+        follow_up = prompt + [rng.randrange(4, 500) for _ in range(50)]
+        router = Router(layout, ["a"], hasher=RequestHasher("sha256", os.environ.get(
+            "PYTHONHASHSEED"), block))
+        sub = EventSubscriber(router.index, {"a": f"tcp://127.0.0.1:{port}"})
+        try:
+            assert sub.wait_connected(30) == []
+            time.sleep(1.0)
+            a.complete(prompt)
+            deadline = time.time() + 120
+            while router.route(follow_up, record=False).replicas[0].tiers["STORAGE"] == 0:
+                assert time.time() < deadline, router.index.status("a")
+                time.sleep(0.5)
+            time.sleep(2.0)  # let the GPU-tier events of the same step arrive too
+            answer = router.route(follow_up)
+            served = a.complete(follow_up)
+            assert _cached(served) == answer.predicted_tokens > 0, (served["usage"], answer)
+        finally:
+            sub.close()
