@@ -277,7 +277,9 @@ def main() -> None:
     targets[f"{device.type}_bit_exact"] = {"figure": int(exact), "goal": "1", "met": exact}
     print_targets(targets)
     save(Path(a.out), "gpu_transfer", quick=a.quick, started=started,
-         device=str(device), threads=a.threads, mib_per_case=mib, results=results,
+         device=str(device), torch=torch.__version__,
+         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+         threads=a.threads, mib_per_case=mib, results=results,
          targets=targets)
     if not exact:
         sys.exit("gpu_transfer: a loaded page differs from the stored one")

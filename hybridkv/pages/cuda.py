@@ -24,6 +24,8 @@ Invariants:
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -67,29 +69,34 @@ class CudaPageCopier(PageCopier):
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    def _wait(self, state: _ThreadState) -> None:
-        state.done.synchronize()
-        with self._lock:
-            self.events_waited += 1
+    @contextmanager
+    def _drained(self, state: _ThreadState) -> Iterator[None]:
+        """Record an event after the copies the block enqueued and wait on it, also when
+        the block raised: the host buffer goes back to the pool only after its copies."""
+        try:
+            yield
+        finally:
+            state.done.record(state.stream)
+            state.done.synchronize()
+            with self._lock:
+                self.events_waited += 1
 
     def gather(self, group_pos, block_ids, buf, after=None):
         n = len(block_ids)
         total = self._check(group_pos, n, buf, block_ids)
         state = self._state()
         buf.index[:n].copy_(torch.as_tensor(block_ids, dtype=torch.int64))
-        with torch.cuda.stream(state.stream):
+        with torch.cuda.stream(state.stream), self._drained(state):
             if after is not None:
                 state.stream.wait_event(after)
             index = buf.index[:n].to(self.device, non_blocking=True)
             offset = 0
             for t, page in self.groups[group_pos]:
-                kv, size = wide_view(self.tensors[t], page, offset)
+                kv, _ = wide_view(self.tensors[t], page, offset)
                 dst = state.staging[offset:offset + n * page].view(kv.dtype).view(n, -1)
                 torch.index_select(kv, 0, index, out=dst)
                 offset += n * page
             buf.data[:total].copy_(state.staging[:total], non_blocking=True)
-            state.done.record(state.stream)
-        self._wait(state)
         return buf.array[:total]
 
     def scatter(self, group_pos, block_ids, payload, count, rows, buf, after=None):
@@ -102,7 +109,7 @@ class CudaPageCopier(PageCopier):
         buf.index[:n].copy_(torch.as_tensor(block_ids, dtype=torch.int64))
         if not identity:
             buf.index[n:2 * n].copy_(torch.as_tensor(rows, dtype=torch.int64))
-        with torch.cuda.stream(state.stream):
+        with torch.cuda.stream(state.stream), self._drained(state):
             if after is not None:
                 state.stream.wait_event(after)
             state.staging[:total].copy_(payload, non_blocking=True)
@@ -110,11 +117,9 @@ class CudaPageCopier(PageCopier):
             pick = None if identity else index[n:2 * n]
             offset = 0
             for t, page in self.groups[group_pos]:
-                kv, size = wide_view(self.tensors[t], page, offset)
+                kv, _ = wide_view(self.tensors[t], page, offset)
                 src = state.staging[offset:offset + count * page].view(kv.dtype).view(count, -1)
                 if pick is not None:
                     src = src.index_select(0, pick)
                 kv.index_copy_(0, index[:n], src)
                 offset += count * page
-            state.done.record(state.stream)
-        self._wait(state)
