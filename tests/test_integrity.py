@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,61 @@ def test_worker_counts_an_untrusted_chunk_and_keeps_it_out_of_the_kv_cache(tmp_p
         assert worker.counters.get("load_failures_ChunkUntrusted") == 1
     finally:
         worker.shutdown()
+
+
+def test_scheduler_level_key_and_direct_mode_serve_hits_and_refuse_a_planted_chunk(tmp_path):
+    """Through vLLM's scheduler and the connector (tests/harness.py): with
+    ``integrity_key_file`` and ``io_mode="direct"`` set in kv_connector_extra_config, a
+    restart gets its hits; a chunk planted by a keyless writer (valid xxh3, no tag) is
+    refused at load: the request is recomputed, never fed the planted bytes."""
+    pytest.importorskip("vllm")
+    import harness as H
+    from test_scheduler_harness import PROMPTS, first_run, jamba_specs, oracle_hit
+
+    key_file = tmp_path / "cache.key"
+    key_file.write_bytes(KEY)
+    key_file.chmod(0o600)
+    model_dir = H.write_tiny_model(tmp_path / "model")
+    specs, block = jamba_specs()
+    cache = tmp_path / "kv"
+
+    def make(**settings):
+        config = H.make_vllm_config(model_dir, cache, block_size=block,
+                                    max_num_batched_tokens=64, snapshot_interval=0,
+                                    **settings)
+        return H.Engine(config, specs)
+
+    keyed_settings = dict(integrity_key_file=str(key_file), io_mode="direct")
+    first_run(lambda: make(**keyed_settings))
+    files = [Path(d) / f for d, _, fs in os.walk(cache) for f in fs if f.endswith(".safetensors")]
+    assert files and all(f.stat().st_size % 4096 == 0 for f in files)  # written for O_DIRECT
+    e = make(**keyed_settings)
+    prompt = PROMPTS["a"]
+    hit = oracle_hit(e, prompt)
+    assert hit > 0
+    e.serve({"a": prompt})
+    assert e.external_tokens["a"] == e.start_tokens["a"] == hit
+    (load,) = [ld for ld in e.loads if ld.req_id == "a"]
+    assert load.verified  # the loaded bytes equal what the model would compute
+    e.shutdown()
+
+    # a keyless writer replaces one chunk c needs with its own (a valid xxh3, no tag)
+    e = make(**keyed_settings)
+    prompt = PROMPTS["c"]
+    hit = oracle_hit(e, prompt)
+    mamba = next(g for g in e.groups if g.kind == "state")
+    victim = e.chunk_path(prompt, mamba.gid, hit)
+    store = e.store
+    key = e.chunk_key(prompt, mamba.gid, hit)
+    _, arrays = store.read(key)
+    victim.unlink()
+    forged = [np.full_like(a, 7) for a in arrays]
+    ChunkStore(store.paths.cache_dir, store.layout, rank=store.paths.rank).write(
+        key, position=hit, block_offset=0, arrays=forged)
+    assert victim.exists()
+    e.serve({"c": prompt})
+    assert e.external_tokens["c"] == hit  # the index listed the chunk...
+    assert e.start_tokens["c"] == 0  # ...its load was refused and c was recomputed
+    counters = e.worker.connector_worker.worker.counters
+    assert counters.get("load_failures_ChunkUntrusted") == 1
+    e.shutdown()

@@ -77,7 +77,8 @@ class HybridKVSpec(OffloadingSpec):
 
     def _store(self, rank: int) -> ChunkStore:
         c = self.hkv_config
-        store = ChunkStore(c.cache_path, self.layout, rank=rank, io=self._file_io())
+        store = ChunkStore(c.cache_path, self.layout, rank=rank, io=self._file_io(),
+                           io_mode=c.io_mode, integrity_key=c.integrity_key)
         try:
             store.ensure_dirs()
             store.check_writable()
