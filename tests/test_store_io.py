@@ -264,3 +264,48 @@ def test_fast_path_string_is_the_path(tmp_path):
     for g in (0, 1):
         key = make_key(bytes(range(32)), g)
         assert s._path_str(key) == str(s.path(key))
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_large_buffered_chunk_is_hashed_piece_by_piece_as_written(tmp_path, keyed, monkeypatch):
+    """Chunks above 1 MiB stream: payload pieces first (hashed right before each write),
+    the head last at offset 0; the file is the same safetensors file."""
+    from safetensors import safe_open
+
+    s = ChunkStore(tmp_path, layout(page=300_000, blocks=2),
+                   integrity_key=b"s" * 32 if keyed else None)
+    s.ensure_dirs()
+    assert s.io.streams_writes
+    arrays = arrays_for(s, 0, np.random.default_rng(9))  # 3 layers x 2 x 300 KB = 1.8 MB
+    key = make_key(b"S" * 16, 0)
+    calls = []
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, b, off: calls.append(off) or real(fd, b, off))
+    size = s.write(key, position=32, block_offset=0, arrays=arrays)
+    assert len(calls) > 3 and calls[-1] == 0 and calls[0] > 0  # pieces, then the head
+    assert size == s.path(key).stat().st_size
+    header, got = s.read(key)
+    assert all(np.array_equal(a, b) for a, b in zip(got, arrays))
+    assert bool(header.tag) == keyed
+    with safe_open(str(s.path(key)), framework="numpy") as f:
+        assert np.array_equal(f.get_tensor("layer.1"), arrays[1])
+
+
+def test_large_buffered_chunk_failing_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    s = ChunkStore(tmp_path, layout(page=300_000, blocks=2))
+    s.ensure_dirs()
+    real = os.pwrite
+    state = {"n": 0}
+
+    def enospc_on_third(fd, b, off):
+        state["n"] += 1
+        if state["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, b, off)
+
+    monkeypatch.setattr(os, "pwrite", enospc_on_third)
+    key = make_key(b"N" * 16, 0)
+    with pytest.raises(OSError):
+        s.write(key, position=32, block_offset=0, arrays=arrays_for(s, 0, np.random.default_rng(10)))
+    assert not s.path(key).exists()
+    assert [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")] == []

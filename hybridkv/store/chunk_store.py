@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import struct
@@ -194,6 +195,12 @@ class ChunkStore:
         # O_DIRECT straight from the caller's pages when they are whole aligned pages
         # (a KV cache's usually are); the head is then a page multiple itself
         zero_copy = direct and all(is_aligned(v) for v in views)
+        if not direct and payload_bytes > _SLICE_BYTES and self.io.streams_writes:
+            # large buffered chunk: hash each slice right before the kernel copies it
+            self.io.write_streamed(path, head_len, views, functools.partial(
+                _feed, hasher, mac), functools.partial(
+                self._final_head, header, hasher, mac, num_blocks), _SLICE_BYTES)
+            return head_len + payload_bytes
         if direct and not zero_copy:  # one aligned buffer: copy + hash each slice in cache
             total = head_len + payload_bytes
             staging = self._staging.get(total)
@@ -229,6 +236,12 @@ class ChunkStore:
         else:
             self.io.write_atomic(path, [memoryview(head), *views])
         return head_len + payload_bytes
+
+    def _final_head(self, header: ChunkHeader, hasher, mac, num_blocks: int) -> bytes:
+        header = msgspec.structs.replace(header, checksum=hasher.hexdigest(), tag="")
+        if mac is not None:
+            header = msgspec.structs.replace(header, tag=self.tagger.finish(mac, header))
+        return build_head(header, header.page_bytes, num_blocks)
 
     def max_file_bytes(self, group_index: int) -> int:
         """Upper bound of one chunk file of ``group_index`` (header included), rounded up
@@ -429,6 +442,12 @@ class ChunkStore:
             except OSError:
                 continue
         return removed
+
+
+def _feed(hasher, mac, piece) -> None:
+    hasher.update(piece)
+    if mac is not None:
+        mac.update(piece)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -89,16 +89,58 @@ class FileIO:
 
     def write_atomic(self, path: Path, data: bytes | memoryview | Sequence[memoryview]) -> None:
         """Write ``data`` (one buffer, or buffers in order) to ``path`` atomically."""
+        bufs = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+        direct = self.direct and all(is_aligned(memoryview(b).cast("B")) for b in bufs)
+
+        def write(fd: int) -> None:
+            if len(bufs) == 1:
+                self._write_all(fd, memoryview(bufs[0]))
+            else:
+                self._write_buffers(fd, [memoryview(b).cast("B") for b in bufs])
+
+        if not self._atomic(path, write, direct):
+            self.write_atomic(path, data)  # O_DIRECT refused: once more, buffered
+
+    @property
+    def streams_writes(self) -> bool:
+        """Whether ``write_streamed`` is the plain one (subclasses that hook writes,
+        e.g. fault injection, get ``write_atomic`` calls instead)."""
+        cls = type(self)
+        return (cls.write_atomic is FileIO.write_atomic and cls._write_all is FileIO._write_all
+                and cls._write_buffers is FileIO._write_buffers)
+
+    def write_streamed(self, path: Path, head_len: int, payload: Sequence[memoryview],
+                       before_piece, make_head, slice_bytes: int) -> None:
+        """Atomically write ``make_head()`` (``head_len`` bytes) then ``payload``, buffered.
+
+        The payload goes first, at offset ``head_len``, in ``slice_bytes`` pieces;
+        ``before_piece(piece)`` sees each piece right before it is written (so it can be
+        hashed while in cache), and ``make_head()`` runs after the last one.
+        """
+        def write(fd: int) -> None:
+            offset = head_len
+            for view in payload:
+                for lo in range(0, view.nbytes, slice_bytes):
+                    piece = view[lo:lo + slice_bytes]
+                    before_piece(piece)
+                    self._pwrite_all(fd, piece, offset)
+                    offset += piece.nbytes
+            head = memoryview(make_head()).cast("B")
+            if len(head) != head_len:
+                raise ValueError(f"head is {len(head)} bytes, {head_len} were reserved")
+            self._pwrite_all(fd, head, 0)
+
+        self._atomic(path, write, False)
+
+    def _atomic(self, path: Path, write, direct: bool) -> bool:
+        """Temp file, ``write(fd)``, optional fsync, rename. False (nothing left behind)
+        when O_DIRECT was refused with EINVAL, so the caller retries buffered."""
         global _counter
         with _counter_lock:
             _counter += 1
             n = _counter
         tmp = path.with_name(f"{tmp_name_prefix()}{n}.{path.name}.tmp")
-        bufs = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        direct = self.direct and all(is_aligned(memoryview(b).cast("B")) for b in bufs)
-        if direct:
-            flags |= O_DIRECT
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (O_DIRECT if direct else 0)
         try:
             fd = os.open(tmp, flags, self.file_mode)
         except FileNotFoundError:
@@ -108,13 +150,10 @@ class FileIO:
             if not direct or exc.errno != errno.EINVAL:
                 raise
             self._refuse_direct(path, exc)
-            return self.write_atomic(path, data)
+            return False
         try:
             try:
-                if len(bufs) == 1:
-                    self._write_all(fd, memoryview(bufs[0]))
-                else:
-                    self._write_buffers(fd, [memoryview(b).cast("B") for b in bufs])
+                write(fd)
                 if self.durability != "none":
                     os.fsync(fd)
             finally:
@@ -127,10 +166,17 @@ class FileIO:
                 pass
             if direct and isinstance(exc, OSError) and exc.errno == errno.EINVAL:
                 self._refuse_direct(path, exc)
-                return self.write_atomic(path, data)
+                return False
             raise
         if self.durability == "full":
             self.fsync_dir(path.parent)
+        return True
+
+    def _pwrite_all(self, fd: int, view: memoryview, offset: int) -> None:
+        while view:
+            n = os.pwrite(fd, view, offset)
+            offset += n
+            view = view[n:]
 
     def _write_all(self, fd: int, view: memoryview) -> None:
         view = view.cast("B")
