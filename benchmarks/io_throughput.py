@@ -338,10 +338,30 @@ def bench_vs_vllm(case: Case, fs_io, threads: int, repeats: int, direct: bool) -
         "load": round(gbps["hybridkv_load"] / gbps["vllm_load"], 3)}}
 
 
-def _target(cells: dict[str, float], goal: float) -> dict:
+def _target(cells: dict[str, float], goal: float, why: str) -> dict:
     worst = min(cells, key=cells.get)
-    return {"figure": round(cells[worst], 3), "goal": f">= {goal}", "met": cells[worst] >= goal,
-            "worst_cell": worst, "cells": {k: round(v, 3) for k, v in cells.items()}}
+    t = {"figure": round(cells[worst], 3), "goal": f">= {goal}", "met": cells[worst] >= goal,
+         "worst_cell": worst, "best_cell": max(cells, key=cells.get),
+         "cells": {k: round(v, 3) for k, v in cells.items()}}
+    if not t["met"]:
+        t["reason"] = why
+    return t
+
+
+#: why a target may be missed (saved with a MISSED target, and printed once below the lines)
+WHY_MISSED = {
+    "store": "every store also hashes its payload (xxh3, under the GIL), writes a header and "
+             "renames a temp file; buffered writes are throttled by writeback of a shared disk",
+    "load_warm": "a verified load hashes every byte (xxh3, ~24 GB/s in cache) on top of the "
+                 "kernel's page-cache copy (7-10 GB/s), in one thread; hiding it needs a "
+                 "GIL-free hash on a free second core",
+    "load_cold": "the verification pass and per-chunk Python add to the disk time",
+    "small": "at 32 KiB the fixed per-chunk cost dominates: hybridkv's Python (path, header "
+             "parse and checks, views; ~30-100 us here) and a temp file + rename per store, "
+             "against a raw open/read/close of ~10-70 us",
+    "vllm": "vLLM's C routine loops over blocks without the GIL and verifies nothing; hybridkv "
+            "runs Python per chunk and hashes every byte (xxhash holds the GIL)",
+}
 
 
 def targets_of(results: list[dict], have_vllm: bool) -> dict:
@@ -354,13 +374,14 @@ def targets_of(results: list[dict], have_vllm: bool) -> dict:
         for what, field in (("store", "write"), ("load_warm", "read_warm"),
                             ("load_cold", "read_cold")):
             t[f"{what}_vs_raw_{label}"] = _target(
-                {r["case"]: r["buffered"]["ratio"][field] for r in rows}, goal)
+                {r["case"]: r["buffered"]["ratio"][field] for r in rows}, goal,
+                WHY_MISSED["small" if label == "32KiB" else what])
     for mode in ("buffered", "direct"):
         for what in ("store", "load"):
             cells = {r["case"]: r[f"vllm_{mode}"]["ratio_hybridkv_vs_vllm"][what]
                      for r in results if f"vllm_{mode}" in r}
             if cells:
-                t[f"{what}_vs_vllm_{mode}"] = _target(cells, 1.0)
+                t[f"{what}_vs_vllm_{mode}"] = _target(cells, 1.0, WHY_MISSED["vllm"])
             elif not have_vllm or mode == "direct":
                 t[f"{what}_vs_vllm_{mode}"] = {"figure": 0.0, "goal": ">= 1.0", "met": False,
                                                "note": "not measured (see 'notes')"}
@@ -439,6 +460,9 @@ def main() -> None:
     notes.append(f"load average at end {os.getloadavg()[0]:.1f}")
     targets = targets_of(results, fs_io is not None)
     print_targets(targets)
+    for name, t in targets.items():
+        if "reason" in t:
+            print(f"  {name} missed: {t['reason']}")
     save(Path(a.out), "io_throughput", quick=a.quick, started=started,
          dir=str(a.dir or tempfile.gettempdir()), repeats=repeats, threads=a.threads,
          direct_io=direct, notes=notes, results=results, targets=targets)
