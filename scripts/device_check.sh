@@ -22,8 +22,11 @@ log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 
 if ! "$PY" -c "import msgspec" 2>/dev/null; then
     if ls .whl/*.whl >/dev/null 2>&1; then
-        "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
-            >"$OUT/pip.log" 2>&1 || { log "pip install of .whl/ failed (see pip.log)"; status=1; }
+        if ! "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+                >"$OUT/pip.log" 2>&1; then
+            log "pip install of .whl/ failed (see pip.log); unzipping the wheels instead"
+            for w in .whl/*.whl; do "$PY" -m zipfile -e "$w" /tmp/site >>"$OUT/pip.log" 2>&1; done
+        fi
     else
         log "msgspec missing and no .whl/ carried"; status=1
     fi
