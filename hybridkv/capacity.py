@@ -56,6 +56,9 @@ class Capacity:
         self.headroom = int(budget * headroom) if budget is not None else 0
         #: how many times the policy was asked for victims on the store path
         self.victim_calls = 0
+        #: keys ``remove`` took as orphans of others, for a caller that counts eviction
+        #: causes and empties it (None, the default: not kept)
+        self.orphans: set[bytes] | None = None
         self._open: dict[str, set[bytes]] = {}
         policy.attach(index)
 
@@ -156,14 +159,18 @@ class Capacity:
         """Forget ``keys`` (and, per policy, the orphans they leave); returns what went."""
         removed: list[bytes] = []
         todo = deque(keys)
+        asked = len(todo)  # the rest of ``todo`` are orphans
         while todo:
             key = todo.popleft()
+            asked -= 1
             entry = self.index.get(key)
             if entry is None or entry.pins:
                 continue
             todo.extend(self.policy.orphans_of(self.index, key))
             self.index.remove(key)
             removed.append(key)
+            if asked < 0 and self.orphans is not None:
+                self.orphans.add(key)
         return removed
 
     def _protected(self, request: RequestView | None) -> set[bytes]:

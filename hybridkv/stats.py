@@ -28,6 +28,8 @@ class Counters:
         self._lock = threading.Lock()
         self._data: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._dirty = False
+        self._taken: dict[str, dict[str, int]] = {}  # values at the last ``take_delta``
+        self._untaken = False
         self._last_flush = 0.0
         self._min_interval = min_interval
         self.path = None
@@ -41,6 +43,23 @@ class Counters:
             if group is not None:
                 self._data[f"g{group}"][name] += value
             self._dirty = True
+            self._untaken = True
+
+    def take_delta(self) -> dict[str, dict[str, int]]:
+        """What each counter gained since the previous call (only counters that moved);
+        for one consumer (the Prometheus path, ``hybridkv.vllm.metrics``)."""
+        with self._lock:
+            if not self._untaken:
+                return {}
+            self._untaken = False
+            delta: dict[str, dict[str, int]] = {}
+            for scope, values in self._data.items():
+                taken = self._taken.setdefault(scope, {})
+                for name, value in values.items():
+                    if value != taken.get(name, 0):
+                        delta.setdefault(scope, {})[name] = value - taken.get(name, 0)
+                        taken[name] = value
+            return delta
 
     def get(self, name: str, group: int | None = None) -> int:
         with self._lock:

@@ -52,7 +52,7 @@ class Server:
 
 @contextlib.contextmanager
 def serve(tmp_path: Path, model: str, *args: str, env: dict | None = None,
-          start_timeout: float = 300) -> Iterator[Server]:
+          start_timeout: float = 600) -> Iterator[Server]:
     """Run `hybridkv serve MODEL --cache-dir ... ARGS` until the block ends."""
     port = free_port()
     cache = tmp_path / "cache"

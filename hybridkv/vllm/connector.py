@@ -32,6 +32,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import (
 from vllm.v1.kv_cache_interface import KVCacheConfig
 from vllm.v1.outputs import KVConnectorOutput
 
+from hybridkv.vllm.metrics import worker_stats
 from hybridkv.vllm.spec import kv_cache_config_context
 
 __all__ = ["HybridKVConnector"]
@@ -101,6 +102,23 @@ class HybridKVConnector(OffloadingConnector):
             finished_recving=finished_recving | failed,
             failed_recving=failed,
         )
+
+    def get_kv_connector_stats(self):
+        # worker side: this worker's per-group counters, which vLLM sums over workers and
+        # adds to the scheduler side's (the manager's ``get_stats``) on its way to /metrics
+        if self.connector_worker is not None:
+            return worker_stats(getattr(self.connector_worker, "worker", None))
+        return super().get_kv_connector_stats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        # the API server process builds the metrics from the config alone: name our spec,
+        # so vLLM registers hybridkv's metric definitions there too
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config
+        extra.setdefault("spec_name", SPEC_NAME)
+        extra.setdefault("spec_module_path", SPEC_MODULE)
+        return super().build_prom_metrics(vllm_config, metric_types, labelnames,
+                                          per_engine_labelvalues)
 
     # ------------------------------------------------------------------ scheduler side
     def take_events(self):

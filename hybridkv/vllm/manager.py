@@ -20,6 +20,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Collection, Iterable
 
+from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import (
+    OffloadingConnectorStats,
+)
 from vllm.v1.kv_offload.base import (
     LoadStoreSpec,
     LookupResult,
@@ -43,6 +46,7 @@ from hybridkv.store.fleet import FleetMember, apply_listing, list_keys
 from hybridkv.store.format import ChunkError
 from hybridkv.store.snapshot import SnapshotWriter, recheck, restore
 from hybridkv.vllm.events import ChunkEvents
+from hybridkv.vllm.metrics import DiskUsage, manager_stats
 from hybridkv.vllm.transfer import ChunkLoadSpec, ChunkStoreSpec
 
 __all__ = ["HybridKVManager"]
@@ -71,6 +75,11 @@ class HybridKVManager(OffloadingManager):
         self._miss_checked: dict[bytes, float] = {}
         self._chunk_tokens = {g.index: g.chunk_tokens for g in self.layout.groups}
         self._prompt_tokens: dict[str, int] = {}  # request id -> prompt length
+        # lookups since the last fold, and of those HITs, by the key's last byte (the low
+        # byte of the group index: groups g and g + 256 would be counted together)
+        self._looked_up = [0] * 256
+        self._found = [0] * 256
+        self._gauges_sent: dict = {}  # gauge values vLLM's metrics already have
         #: seconds each phase of the start took (``benchmarks/restart.py`` reports them)
         self.startup_seconds: dict[str, float] = {}
         started = time.perf_counter()
@@ -79,6 +88,8 @@ class HybridKVManager(OffloadingManager):
         mark = time.perf_counter()
         self.capacity = Capacity(self.index, policy or LRUPolicy(), config.disk_budget,
                                  headroom=config.eviction_headroom)
+        self.capacity.orphans = set()  # ``_delete`` counts them as their own cause
+        self.disk_usage = DiskUsage(self.index)
         self.startup_seconds["capacity"] = time.perf_counter() - mark
         self.counters.add("startup_chunks", len(self.index))
         self.counters.add("startup_tmp_removed", removed_tmp)
@@ -100,7 +111,9 @@ class HybridKVManager(OffloadingManager):
     # ------------------------------------------------------------------ lookups
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         # the scheduler's hot path (every chunk of every waiting request): the index's
-        # key -> slot table is read directly (``benchmarks/index_scale.py`` times it)
+        # key -> slot table is read directly (``benchmarks/index_scale.py`` times it);
+        # lookups and hits are tallied by the key's last byte (``_fold_lookups``)
+        self._looked_up[key[-1]] += 1
         fleet = self.fleet
         if fleet is not None:
             self._fleet_tick()
@@ -111,10 +124,10 @@ class HybridKVManager(OffloadingManager):
                 return LookupResult.MISS
             if self._unchecked and key in self._unchecked and not self._recheck(key):
                 return LookupResult.MISS
-            return _HIT
-        if self._refresh(key):
-            return LookupResult.HIT
-        return LookupResult.MISS
+        elif not self._refresh(key):
+            return LookupResult.MISS
+        self._found[key[-1]] += 1
+        return _HIT
 
     def _refresh(self, key: bytes) -> bool:
         """Pick up a chunk another engine stored; at most one stat per key per interval."""
@@ -154,8 +167,9 @@ class HybridKVManager(OffloadingManager):
         for key in keys:
             # a load that failed verification quarantined the file: forget it (and its orphans)
             if key in self.index and not self.store.exists(key):
-                self._delete(self.capacity.remove([key]))
+                self._delete(self.capacity.remove([key]), "failed_verification")
                 self.counters.add("chunks_dropped_after_failed_load", 1, key_group(key))
+        self._fold_lookups()
         self.counters.flush()
 
     # ------------------------------------------------------------------ stores
@@ -214,12 +228,14 @@ class HybridKVManager(OffloadingManager):
             evicted += self.capacity.commit(key, size=record.size, position=record.position,
                                             parent=record.parent, mtime_ns=record.mtime_ns)
             self.counters.add("chunks_stored", 1, group)
+            self.counters.add("bytes_stored", record.size, group)
             stored.append(key)
             if self.emit_events and self.chunk_events is not None:
                 self.chunk_events.note_stored(key, record.parent)
         if stored and self.emit_events:
             self._events.append(OffloadingEvent(keys=stored, medium=Medium.STORAGE, removed=False))
         self._delete(evicted)
+        self._fold_lookups()
         self.counters.flush()
         self._maybe_snapshot()
 
@@ -232,13 +248,18 @@ class HybridKVManager(OffloadingManager):
         self._prompt_tokens.pop(req_context.req_id, None)
 
     # ------------------------------------------------------------------ eviction
-    def _delete(self, keys: list[bytes]) -> None:
-        """Delete the files of keys the capacity layer removed from the index."""
+    def _delete(self, keys: list[bytes], cause: str = "budget") -> None:
+        """Delete the files of keys the capacity layer removed from the index.
+
+        ``cause`` (counted per group as ``chunks_evicted_<cause>``): budget, orphan (the
+        capacity layer took the key along with another), failed_verification, gone, reset.
+        """
         if self.fleet is not None:
-            return self._fleet_delete(keys)
+            return self._fleet_delete(keys, cause)
         for key in keys:
             self.store.delete(key)
-            self.counters.add("chunks_evicted", 1, key_group(key))
+            self._count_evicted(key, cause)
+        self.capacity.orphans.clear()
         if keys and self.emit_events:
             self._events.append(OffloadingEvent(keys=keys, medium=Medium.STORAGE, removed=True))
 
@@ -251,9 +272,27 @@ class HybridKVManager(OffloadingManager):
         events, self._events = self._events, []
         return events
 
+    def get_stats(self) -> OffloadingConnectorStats | None:
+        """This step's counter gains and changed gauges for vLLM's ``/metrics``
+        (``hybridkv.vllm.metrics``)."""
+        self._fold_lookups()
+        return manager_stats(self.counters, self.layout, self.disk_usage,
+                             self.config.disk_budget, self._gauges_sent)
+
+    def _fold_lookups(self) -> None:
+        """Move the lookup tallies into the counters, as tokens per group."""
+        if not any(self._looked_up):
+            return
+        for name, tally in (("lookup_tokens", self._looked_up),
+                            ("lookup_hit_tokens", self._found)):
+            for group, tokens in self._chunk_tokens.items():
+                n, tally[group & 0xFF] = tally[group & 0xFF], 0
+                if n:
+                    self.counters.add(name, n * tokens, group)
+
     def reset_cache(self) -> None:
         """Forget (and delete) every unpinned chunk of this layout."""
-        self._delete(self.capacity.remove([e.key for e in list(self.index)]))
+        self._delete(self.capacity.remove([e.key for e in list(self.index)]), "reset")
 
     def shutdown(self) -> None:
         if self.fleet is not None:
@@ -261,6 +300,7 @@ class HybridKVManager(OffloadingManager):
             self._fleet_pool.shutdown(wait=False)
         if self._snapshots is not None:
             self._snapshots.write(self.index.records())
+        self._fold_lookups()
         self.counters.flush(force=True)
 
     # ------------------------------------------------------------------ snapshots
@@ -292,7 +332,7 @@ class HybridKVManager(OffloadingManager):
         if same:
             return True
         if record is None:  # gone or unusable: forget it (as after a failed load)
-            self._delete(self.capacity.remove([key]))
+            self._delete(self.capacity.remove([key]), "gone")
             self.counters.add("restored_chunks_gone", 1, key_group(key))
             return False
         self.index.remove(key)  # rewritten since the snapshot: index what is there now
@@ -354,7 +394,7 @@ class HybridKVManager(OffloadingManager):
             return  # lost the lease meanwhile: the next holder syncs
         added, gone = apply_listing(  # a vanished chunk takes its orphans (policy) along
             self.store, self.index, seen,
-            remove=lambda keys: self._delete(self.capacity.remove(keys)))
+            remove=lambda keys: self._delete(self.capacity.remove(keys), "gone"))
         self.counters.add("fleet_syncs")
         self.counters.add("fleet_found", added)
         self.counters.add("fleet_gone", gone)
@@ -429,7 +469,7 @@ class HybridKVManager(OffloadingManager):
             self.store.path(key).stat()
         except FileNotFoundError:
             self._fleet_confirmed.pop(key, None)
-            self._delete(self.capacity.remove([key]))  # with its orphans; pinned ones stay
+            self._delete(self.capacity.remove([key]), "gone")  # with its orphans; pinned stay
             self.counters.add("fleet_vanished", 1, key_group(key))
             return False
         except OSError:
@@ -439,7 +479,14 @@ class HybridKVManager(OffloadingManager):
         self._fleet_confirmed[key] = now
         return True
 
-    def _fleet_delete(self, keys: list[bytes]) -> None:
+    def _count_evicted(self, key: bytes, cause: str) -> None:
+        group = key_group(key)
+        self.counters.add("chunks_evicted", 1, group)
+        if key in self.capacity.orphans:
+            cause = "orphan"
+        self.counters.add(f"chunks_evicted_{cause}", 1, group)
+
+    def _fleet_delete(self, keys: list[bytes], cause: str = "budget") -> None:
         """``_delete`` in fleet mode: the holder lowers the fleet's usage by what it unlinked."""
         freed = 0
         for key in keys:
@@ -450,7 +497,8 @@ class HybridKVManager(OffloadingManager):
             if self.store.delete(key):
                 freed += size
             self._fleet_confirmed.pop(key, None)
-            self.counters.add("chunks_evicted", 1, key_group(key))
+            self._count_evicted(key, cause)
+        self.capacity.orphans.clear()
         if keys and self.emit_events:
             self._events.append(OffloadingEvent(keys=keys, medium=Medium.STORAGE, removed=True))
         if self.fleet.holder:

@@ -34,6 +34,7 @@ from hybridkv.store.fileio import FileIO
 from hybridkv.store.format import ChunkTooNew
 from hybridkv.vllm.events import ChunkEvents, group_event_specs
 from hybridkv.vllm.layout import layout_from_vllm
+from hybridkv.vllm.metrics import metric_definitions
 
 __all__ = ["HybridKVSpec", "kv_cache_config_context"]
 
@@ -53,6 +54,11 @@ def kv_cache_config_context(kv_cache_config: KVCacheConfig, *,
 
 
 class HybridKVSpec(OffloadingSpec):
+    @classmethod
+    def build_metric_definitions(cls, extra_config):
+        # per-group metrics (``hybridkv.vllm.metrics``; names in docs/metrics.md)
+        return {**super().build_metric_definitions(extra_config), **metric_definitions()}
+
     def __init__(self, config: OffloadingConfig):
         super().__init__(config)
         handed = _KV_CACHE_CONFIG.get()
