@@ -8,9 +8,13 @@ process, so it can damage chunk files, switch faults injected by
 directory read-only while the engine keeps running. Each action is a
 dict with an ``op``:
 
-- ``settle``: wait until every store this engine started has completed
-  (worker ``chunks_written + store_failures`` == manager ``chunks_stored +
-  stores_failed``, no temp file left), so the next prompt's lookups see them.
+- ``settle`` ``quiet=1.0``: wait until every store this engine started has
+  completed (worker ``chunks_written + store_failures`` == manager
+  ``chunks_stored + stores_failed``, no temp file left) and neither the
+  counters nor the visible chunk files changed for ``quiet`` seconds, so the
+  next prompt's lookups see them. (The counters are also equal before the
+  engine has issued a finished request's last stores; on a loaded machine
+  that gap lasted longer than the 0.2 s this used to wait.)
 - ``snapshot`` ``label``: remember the chunk files that appeared since the
   previous snapshot under ``label``.
 - ``reset_prefix_cache``: empty vLLM's own prefix cache, so that the next
@@ -178,21 +182,21 @@ class FaultPlan:
             time.sleep(0.05)
         return {"t": time.time()}
 
-    def _do_settle(self, timeout: float = 30.0) -> dict:
+    def _do_settle(self, timeout: float = 30.0, quiet: float = 1.0) -> dict:
         started = time.monotonic()
-        last, stable = None, 0
+        last, since = None, started
         while time.monotonic() - started < timeout:
             st = self.own_stats().get("all", {})
+            layout_dir = self.layout_dir
             state = (st.get("chunks_written", 0) + st.get("store_failures", 0),
-                     st.get("chunks_stored", 0) + st.get("stores_failed", 0))
-            tmp = temp_files(self.layout_dir) if self.layout_dir else []
-            if state[0] == state[1] and not tmp and state == last:
-                stable += 1
-                if stable >= 2:
-                    return {"settled": True, "s": round(time.monotonic() - started, 2)}
-            else:
-                stable = 0
-            last = state
+                     st.get("chunks_stored", 0) + st.get("stores_failed", 0),
+                     len(chunk_files(layout_dir)) if layout_dir else 0)
+            tmp = temp_files(layout_dir) if layout_dir else []
+            now = time.monotonic()
+            if state != last or state[0] != state[1] or tmp:
+                last, since = state, now
+            elif now - since >= quiet:
+                return {"settled": True, "s": round(now - started, 2)}
             time.sleep(0.1)
         return {"settled": False, "s": round(time.monotonic() - started, 2)}
 
