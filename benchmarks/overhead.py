@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny gemma3, 2 rounds")
     ap.add_argument("--model", help="model kind (default gemma3_bench; --quick gemma3)")
     ap.add_argument("--rounds", type=int, help="alternating rounds (default 5; --quick 2)")
-    ap.add_argument("--batch", type=int, help="requests per batch (default 8; --quick 4)")
+    ap.add_argument("--batch", type=int, help="requests per batch (default 4)")
     ap.add_argument("--prompt-tokens", type=int, help="default 1024; --quick 512")
     ap.add_argument("--max-tokens", type=int, help="generated per request (default 16)")
     ap.add_argument("--seed", type=int, default=0)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if kind not in ALL_KINDS:
         return fail(f"unknown --model {kind!r} (expected one of {', '.join(ALL_KINDS)})")
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
-    batch = args.batch if args.batch is not None else (4 if args.quick else 8)
+    batch = args.batch if args.batch is not None else 4
     prompt_tokens = args.prompt_tokens or (512 if args.quick else 1024)
     max_tokens = args.max_tokens if args.max_tokens is not None else 16
     limit = (BENCH_MAX_POSITIONS if kind in BENCH_KINDS else MAX_POSITIONS) - max_tokens - 64
