@@ -128,7 +128,7 @@ class Session:
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
 
-    def wait(self, timeout: float = 600, check: bool = True) -> dict | None:
+    def wait(self, timeout: float = 1200, check: bool = True) -> dict | None:
         try:
             rc = self.proc.wait(timeout)
         finally:
