@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="tiny gemma3, 2 rounds")
     ap.add_argument("--model", help="model kind (default gemma3_bench; --quick gemma3)")
-    ap.add_argument("--rounds", type=int, help="alternating rounds (default 5; --quick 2)")
+    ap.add_argument("--rounds", type=int, help="alternating rounds (default 9; --quick 2)")
     ap.add_argument("--batch", type=int, help="requests per batch (default 4)")
     ap.add_argument("--prompt-tokens", type=int, help="default 1024; --quick 512")
     ap.add_argument("--max-tokens", type=int, help="generated per request (default 16)")
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     kind = args.model or ("gemma3" if args.quick else "gemma3_bench")
     if kind not in ALL_KINDS:
         return fail(f"unknown --model {kind!r} (expected one of {', '.join(ALL_KINDS)})")
-    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 9)
     batch = args.batch if args.batch is not None else 4
     prompt_tokens = args.prompt_tokens or (512 if args.quick else 1024)
     max_tokens = args.max_tokens if args.max_tokens is not None else 16

@@ -16,9 +16,8 @@ core binding (``benchmarks/engine_runs.py``), on one cache directory:
 
 Target: a cold disk hit >= 10x faster than recompute at 8K tokens (medians), per model.
 Runs: 5 per length, 2 at 16K (qwen3_next_bench: 3 and 1, see DEFAULT_RUNS), so a full run
-fits in about half an hour on 2 shared cores. ``--quick``: gemma3_large (~94M) at 1K and 2K
-tokens, 2 runs (target at 2K: a smaller
-prompt saves less, so quick runs usually miss it; the target line is for the report's shape).
+took 39 min on 2 shared cores at load 7-16. ``--quick``: gemma3_large (~94M) at 1K and 2K
+tokens, 2 runs, its target at 2K (where a hit saves less than at 8K).
 Timing is noisy on a shared box: ratios come from one run; ``uptime`` is recorded.
 """
 
