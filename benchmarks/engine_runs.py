@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # pagecache.py, run or imported
+from pagecache import drop_page_cache  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -55,21 +58,9 @@ def chunk_files(cache_dir: Path) -> list[Path]:
     return [p for p in Path(cache_dir).rglob("*.safetensors") if p.is_file()]
 
 
-def drop_page_cache(cache_dir: Path) -> int:
+def drop_cache_dir(cache_dir: Path) -> int:
     """fsync and evict every chunk file under ``cache_dir`` from the page cache; bytes dropped."""
-    total = 0
-    for path in chunk_files(cache_dir):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue  # evicted or replaced meanwhile
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            total += os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-    return total
+    return drop_page_cache(chunk_files(cache_dir))
 
 
 def _disk_counters(cache_dir: str | None) -> dict[str, int]:
@@ -128,7 +119,7 @@ def _run_steps(state: dict, steps: list[dict]) -> list[dict]:
         for prompt in prompts:
             if step.get("reset"):
                 llm.reset_prefix_cache()
-            dropped = drop_page_cache(Path(cache_dir)) if step.get("drop") else None
+            dropped = drop_cache_dir(Path(cache_dir)) if step.get("drop") else None
             before = _disk_counters(cache_dir) if step.get("disk") else None
             t = time.perf_counter()
             out = llm.generate([prompt], params, use_tqdm=False)[0]

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, run or imported
+from pagecache import drop_page_cache  # noqa: E402
 from report import print_targets, save  # noqa: E402
 
 from hybridkv.groups import GroupKind, GroupSpec, HybridLayout  # noqa: E402
@@ -54,16 +55,6 @@ GOAL = 0.8
 TARGET_MIN_CHUNK = 1 << 20
 #: small chunks cost per file, not per byte: cap their count to bound the run
 MAX_CHUNKS = 8192
-
-
-def _drop_cache(paths) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _timed(fn, items, threads) -> float:
@@ -161,12 +152,12 @@ class Case:
                 t.zero_()
             _sync(self.device)
             if temp == "cold":
-                _drop_cache([store.path(k) for k in keys])
+                drop_page_cache([store.path(k) for k in keys])
             mark = copier.mark()
             secs[f"load_{temp}"] = _timed(load_one, range(self.n), self.threads)
             ok = ok and all(torch.equal(a, b) for a, b in zip(self.kv, self.want))
             if temp == "cold":
-                _drop_cache(raw_paths)
+                drop_page_cache(raw_paths)
             secs[f"raw_read_{temp}"] = _timed(raw_read, range(self.n), self.threads)
 
         # plain torch copies of the same bytes, one contiguous copy per chunk

@@ -44,12 +44,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, run or imported
+from pagecache import drop_page_cache  # noqa: E402
 from report import print_targets, save  # noqa: E402
 
 from hybridkv.groups import GroupKind, GroupSpec, HybridLayout  # noqa: E402
 from hybridkv.keys import make_key  # noqa: E402
 from hybridkv.store.chunk_store import ChunkStore  # noqa: E402
-from hybridkv.store.direct import O_DIRECT, align_up, aligned_empty  # noqa: E402
+from hybridkv.store.direct import (  # noqa: E402
+    O_DIRECT, align_up, aligned_empty, direct_supported)
 
 # (name, kind, layers, page bytes per layer per block, blocks per chunk); one chunk =
 # 256 tokens. Sizes follow real hybrids in bf16: a Gemma-3-27B full-attention group of
@@ -65,16 +67,6 @@ CASES = [
 ]
 BIG = 1 << 20  # chunks of at least this many bytes get the 0.9x target
 KEY = b"benchmark-integrity-key-32-bytes"
-
-
-def _drop_cache(paths) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _raw_write(paths, payloads, direct: bool = False) -> None:
@@ -128,24 +120,6 @@ def _touched(nbytes: int) -> np.ndarray:
     buf = aligned_empty(nbytes)
     buf[:] = 0
     return buf
-
-
-def _direct_ok(directory: Path) -> bool:
-    if not O_DIRECT:
-        return False
-    buf = aligned_empty(4096)
-    probe = directory / ".o_direct_probe"
-    try:
-        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | O_DIRECT, 0o600)
-        try:
-            os.write(fd, buf)
-        finally:
-            os.close(fd)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.unlink(missing_ok=True)
 
 
 def _vllm_io():
@@ -247,7 +221,7 @@ def bench_single(case: Case, repeats: int, direct: bool) -> dict:
                 files = case.store_files(store) + raw
                 if keyed is not None:
                     files += case.store_files(keyed)
-                _drop_cache(files)
+                drop_page_cache(files)
             elif op == "write":
                 os.sync()  # no earlier writeback throttles this phase
             hkv, rawf, key_f = ops[op]
@@ -309,7 +283,7 @@ def bench_vs_vllm(case: Case, fs_io, threads: int, repeats: int, direct: bool) -
                 if op == "store":
                     os.sync()  # no earlier writeback throttles the stores
                 else:
-                    _drop_cache(case.store_files(store) + vpaths)
+                    drop_page_cache(case.store_files(store) + vpaths)
                 for ri, chunks in enumerate(rounds):
                     parts = [p for p in (chunks[t::threads] for t in range(threads)) if p]
                     v_args = [([vpaths[i] for i in idx], view,
@@ -350,17 +324,21 @@ def _target(cells: dict[str, float], goal: float, why: str) -> dict:
 
 #: why a target may be missed (saved with a MISSED target, and printed once below the lines)
 WHY_MISSED = {
-    "store": "every store also hashes its payload (xxh3, under the GIL), writes a header and "
-             "renames a temp file; buffered writes are throttled by writeback of a shared disk",
-    "load_warm": "a verified load hashes every byte (xxh3, ~24 GB/s in cache) on top of the "
-                 "kernel's page-cache copy (7-10 GB/s), in one thread; hiding it needs a "
-                 "GIL-free hash on a free second core",
+    "store": "every store also hashes its whole payload (xxh3) in the writing thread, writes a "
+             "header and renames a temp file; buffered writes are throttled by writeback of a "
+             "shared disk",
+    "load_warm": "a verified load hashes every byte on top of the kernel's page-cache copy in "
+                 "the same thread, and xxh3 runs at about the copy's speed here (5-9 GB/s vs "
+                 "6-10 GB/s; on the 16-core GPU host too): one thread cannot pass ~0.6x; "
+                 "closing it needs the hash on a second core (pipelined pieces) or a checksum "
+                 "the copy computes (CRC in the kernel / a fused C read-and-hash)",
     "load_cold": "the verification pass and per-chunk Python add to the disk time",
     "small": "at 32 KiB the fixed per-chunk cost dominates: hybridkv's Python (path, header "
              "parse and checks, views; ~30-100 us here) and a temp file + rename per store, "
              "against a raw open/read/close of ~10-70 us",
-    "vllm": "vLLM's C routine loops over blocks without the GIL and verifies nothing; hybridkv "
-            "runs Python per chunk and hashes every byte (xxhash holds the GIL)",
+    "vllm": "vLLM's C routine loops over blocks in C and verifies nothing; hybridkv runs Python "
+            "per chunk and hashes every byte (xxh3 releases the GIL only for pieces > 64 KiB, "
+            "and on 2 loaded cores there is no free core for it)",
 }
 
 
@@ -403,7 +381,7 @@ def main() -> None:
     repeats = a.repeats or (1 if a.quick else 3)
     root = Path(tempfile.mkdtemp(prefix="hybridkv-io-", dir=a.dir))
     fs_io, vllm_note = _vllm_io()
-    direct = _direct_ok(root)
+    direct = direct_supported(root)
     notes = [f"vLLM FS tier: {vllm_note}",
              f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
              "(both sides take turns chunk by chunk, or round by round against vLLM, so "

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hybridkv.groups import GroupKind, GroupSpec, HybridLayout
 from hybridkv.keys import make_key
 from hybridkv.store.chunk_store import ChunkStore
-from hybridkv.store.direct import DIRECT_ALIGN, O_DIRECT, aligned_empty
+from hybridkv.store.direct import DIRECT_ALIGN, O_DIRECT, aligned_empty, direct_supported
 from hybridkv.store.fileio import FileIO
 from hybridkv.store.format import ChunkCorrupt, ChunkMissing, encode, ChunkHeader, FORMAT_VERSION
 from hybridkv.keys import key_hex
@@ -38,24 +38,11 @@ def arrays_for(store, group, rng, blocks=None):
     return [rng.integers(0, 256, (n, g.page_bytes), dtype=np.uint8) for _ in g.layer_names]
 
 
-def direct_works(path) -> bool:
-    if not O_DIRECT:
-        return False
-    buf = aligned_empty(DIRECT_ALIGN)
-    try:
-        fd = os.open(path / ".probe", os.O_CREAT | os.O_WRONLY | O_DIRECT, 0o600)
-        try:
-            os.write(fd, buf)
-        finally:
-            os.close(fd)
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(params=["buffered", "direct"])
 def store(request, tmp_path):
-    if request.param == "direct" and not direct_works(tmp_path):
+    if request.param == "direct" and not direct_supported(tmp_path):
         pytest.skip(f"{tmp_path} refuses O_DIRECT")
     s = ChunkStore(tmp_path, layout(), io_mode=request.param)
     s.ensure_dirs()
@@ -83,7 +70,7 @@ def test_read_into_returns_verified_views_into_the_callers_buffer(store):
 
 
 def test_direct_mode_files_are_page_multiples_and_valid_safetensors(tmp_path):
-    if not direct_works(tmp_path):
+    if not direct_supported(tmp_path):
         pytest.skip("no O_DIRECT here")
     from safetensors import safe_open
 
@@ -213,7 +200,7 @@ def test_einval_from_o_direct_falls_back_to_buffered_and_says_so(tmp_path, monke
        page=st.integers(1, 9000), group=st.integers(0, 1), data=st.data())
 def test_roundtrip_any_page_size_and_mode(tmp_path_factory, mode, blocks, page, group, data):
     root = tmp_path_factory.mktemp("rt")
-    if mode == "direct" and not direct_works(root):
+    if mode == "direct" and not direct_supported(root):
         mode = "buffered"
     s = ChunkStore(root, layout(page=page), io_mode=mode)
     s.ensure_dirs()
@@ -242,7 +229,7 @@ def test_roundtrip_any_page_size_and_mode(tmp_path_factory, mode, blocks, page, 
 def test_zero_copy_direct_store_from_aligned_pages(tmp_path):
     """Aligned whole pages (a KV cache's) go to disk without the staging copy; the header
     then fills whole pages, so the payload starts page-aligned in the file."""
-    if not direct_works(tmp_path):
+    if not direct_supported(tmp_path):
         pytest.skip("no O_DIRECT here")
     s = ChunkStore(tmp_path, layout(page=4096, blocks=2), io_mode="direct")
     s.ensure_dirs()

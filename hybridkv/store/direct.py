@@ -18,7 +18,7 @@ import numpy as np
 from hybridkv.store.format import DIRECT_ALIGN
 
 __all__ = ["DIRECT_ALIGN", "O_DIRECT", "StagingBuffers", "align_up", "aligned_empty",
-           "is_aligned"]
+           "direct_supported", "is_aligned"]
 
 #: 0 where the platform has no O_DIRECT (direct mode then falls back to buffered)
 O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -40,6 +40,28 @@ def is_aligned(view: memoryview | np.ndarray, align: int = DIRECT_ALIGN) -> bool
         return False
     arr = np.frombuffer(view, dtype=np.uint8) if isinstance(view, memoryview) else view
     return arr.ctypes.data % align == 0
+
+
+def direct_supported(directory: os.PathLike | str) -> bool:
+    """Whether files in ``directory`` accept an O_DIRECT write (tmpfs and some overlay or
+    network filesystems refuse it with EINVAL; ``FileIO`` then falls back to buffered)."""
+    if not O_DIRECT:
+        return False
+    probe = os.path.join(directory, f".o_direct_probe.{os.getpid()}.{threading.get_ident()}")
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | O_DIRECT, 0o600)
+        try:
+            os.write(fd, aligned_empty(DIRECT_ALIGN))
+        finally:
+            os.close(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        try:
+            os.unlink(probe)
+        except FileNotFoundError:
+            pass
 
 
 class StagingBuffers:
