@@ -41,6 +41,46 @@ def _resolve_model(model: str | None) -> str:
     return kind
 
 
+class UsageError(Exception):
+    """A bad command-line value: reported in one line (exit status 2), before any engine starts."""
+
+
+def _check_model(model: str | None) -> None:
+    from hybridkv.models import ALL_KINDS
+
+    if model is None or model in ALL_KINDS:
+        return
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"model {model!r}: {path} has no config.json (not a model directory)")
+        return
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:  # a path, not ORG/NAME
+        raise UsageError(
+            f"model {model!r}: no such directory, and not a tiny model name "
+            f"({', '.join(sorted(ALL_KINDS))}) or a Hugging Face id (ORG/NAME)")
+
+
+def _check_engine_args(args) -> None:
+    """Everything ``serve`` / ``demo`` can check before an engine starts."""
+    from hybridkv.config import ConfigError, HybridKVConfig
+
+    _check_model(args.model)
+    port = getattr(args, "port", None)
+    if port is not None and not 1 <= port <= 65535:
+        raise UsageError(f"--port {port}: must be in 1..65535")
+    if getattr(args, "json", None) and not Path(args.json).expanduser().parent.is_dir():
+        raise UsageError(f"--json {args.json}: its directory does not exist")
+    if args.cache_dir is None:
+        return
+    try:
+        config = HybridKVConfig.from_extra_config({"cache_dir": os.path.abspath(args.cache_dir),
+                                                   **_settings(args)})
+        config.check_directory()
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _settings(args) -> dict:
     settings = {}
     if getattr(args, "disk_budget", None):
@@ -159,6 +199,8 @@ def cmd_demo(args) -> int:
 
 def cmd_stats(args) -> int:
     root = Path(args.cache_dir)
+    if not root.is_dir():
+        raise UsageError(f"--cache-dir {args.cache_dir}: no such directory")
     for layout_dir in sorted(p for p in root.iterdir() if (p / "stats").is_dir()):
         print(f"{layout_dir.name}:")
         print(json.dumps(read_stats(layout_dir / "stats"), indent=1, sort_keys=True))
@@ -193,13 +235,21 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = p.parse_known_args(argv)
     if args.cmd in tools.COMMANDS:
         return tools.run(args, rest)
-    if args.cmd == "serve":
-        return cmd_serve(args, rest)
-    if rest:
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "route":
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
         return cmd_route(args)
-    return cmd_demo(args) if args.cmd == "demo" else cmd_stats(args)
+    try:
+        if args.cmd in ("serve", "demo"):
+            _check_engine_args(args)
+        if args.cmd == "serve":
+            return cmd_serve(args, rest)
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        return cmd_demo(args) if args.cmd == "demo" else cmd_stats(args)
+    except UsageError as exc:
+        print(f"hybridkv {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
