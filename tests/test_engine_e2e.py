@@ -35,7 +35,11 @@ def make_prompts(kind: str, seed: int = 0) -> list[list[int]]:
 def run_engine(model: Path, prompts, out: Path, cache_dir: Path | None, settings=None) -> dict:
     prompts_file = out.with_suffix(".prompts.json")
     prompts_file.write_text(json.dumps(prompts))
-    cmd = [sys.executable, "-m", "hybridkv.vllm.session", "--model", str(model),
+    # prompts with between-prompt actions (reset the prefix cache, settle, measure the disk)
+    # need the test session; plain prompts run through the production one
+    planned = any(isinstance(p, dict) and ("before" in p or "after" in p) for p in prompts)
+    session = "hybridkv.testing.session" if planned else "hybridkv.vllm.session"
+    cmd = [sys.executable, "-m", session, "--model", str(model),
            "--prompts", str(prompts_file), "--out", str(out)]
     if cache_dir is not None:
         cmd += ["--cache-dir", str(cache_dir)]
