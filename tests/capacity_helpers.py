@@ -9,6 +9,7 @@ the manager drives it, without files. One chunk is one block (``C`` tokens).
 from __future__ import annotations
 
 import xxhash
+from vllm.v1.kv_offload.base import ReqContext
 
 from hybridkv.capacity import Capacity
 from hybridkv.config import HybridKVConfig
@@ -139,6 +140,16 @@ class Sim:
                 for i, k in enumerate(ks):
                     self._name[k] = tag[self.layout.group(gi).kind] + "".join(
                         map(str, ids[:i + 1]))
+
+
+def request_context(name: str, keys: dict[int, list[bytes]]) -> ReqContext:
+    """vLLM's request context for ``keys`` (``request_keys``): chunk i of each group ends at
+    token (i + 1) * C."""
+    ctx = ReqContext(req_id=name)
+    for group_keys in keys.values():
+        for i, key in enumerate(group_keys):
+            ctx.set_offload_key_position(key, (i + 1) * C)
+    return ctx
 
 
 def make_manager(tmp_path, layout, policy="group_aware", budget=None) -> HybridKVManager:

@@ -25,6 +25,7 @@ from capacity_helpers import (
     Sim,
     make_layout,
     make_manager,
+    request_context,
     request_keys,
 )
 
@@ -95,10 +96,7 @@ def test_manager_uses_the_prompt_length_for_chunk_aligned_repeats(tmp_path):
     keys = request_keys(layout, (0, 1))
 
     def offer(m, name):
-        ctx = ReqContext(req_id=name)
-        for ks in keys.values():
-            for i, k in enumerate(ks):
-                ctx.set_offload_key_position(k, (i + 1) * C)
+        ctx = request_context(name, keys)
         m.prepare_store([*keys[0], *keys[1]], ctx)
         return {i: m.index.get_any(k).spare for i, k in enumerate(keys[1])}
 

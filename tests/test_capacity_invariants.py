@@ -86,6 +86,7 @@ from capacity_helpers import (
     hit_keys,
     make_layout,
     make_manager,
+    request_context,
     request_keys,
 )
 
@@ -505,11 +506,7 @@ def test_failed_load_reclaims_the_orphans_it_pinned(tmp_path):
     full, state = keys[0], keys[1]
 
     def ctx(name):
-        c = ReqContext(req_id=name)
-        for ks in keys.values():
-            for i, k in enumerate(ks):
-                c.set_offload_key_position(k, (i + 1) * C)
-        return c
+        return request_context(name, keys)
 
     first = ctx("first")  # stores spine 0, 0 1 and the state at 0 1 (its end)
     out = m.prepare_store([*full, *state], first)

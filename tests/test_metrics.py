@@ -132,8 +132,8 @@ def test_manager_stats_count_stores_evictions_by_cause_and_gauges(tmp_path):
     that depended on it as ``orphan``, the rest at a reset as ``reset``; the stats carry
     stores, lookups and the disk gauges (only when they change)."""
     import numpy as np
-    from capacity_helpers import C, FULL, STATE, make_layout, make_manager, request_keys
-    from vllm.v1.kv_offload.base import ReqContext
+    from capacity_helpers import (C, FULL, STATE, make_layout, make_manager, request_context,
+                                  request_keys)
 
     from hybridkv.vllm.metrics import PREFIX
 
@@ -143,11 +143,7 @@ def test_manager_stats_count_stores_evictions_by_cause_and_gauges(tmp_path):
     full, state = keys[0], keys[1]
 
     def ctx(name):
-        c = ReqContext(req_id=name)
-        for ks in keys.values():
-            for i, k in enumerate(ks):
-                c.set_offload_key_position(k, (i + 1) * C)
-        return c
+        return request_context(name, keys)
 
     first = ctx("first")
     out = m.prepare_store([*full, *state], first)
