@@ -199,7 +199,7 @@ class ChunkStore:
             # large buffered chunk: hash each slice right before the kernel copies it
             self.io.write_streamed(path, head_len, views, functools.partial(
                 _feed, hasher, mac), functools.partial(
-                self._final_head, header, hasher, mac, num_blocks), _SLICE_BYTES)
+                self._final_head, header, hasher, mac, 0), _SLICE_BYTES)
             return head_len + payload_bytes
         if direct and not zero_copy:  # one aligned buffer: copy + hash each slice in cache
             total = head_len + payload_bytes
@@ -210,20 +210,12 @@ class ChunkStore:
                 for lo in range(0, v.nbytes, _SLICE_BYTES):
                     part = v[lo:lo + _SLICE_BYTES]
                     dst[pos:pos + part.nbytes] = part
-                    hasher.update(dst[pos:pos + part.nbytes])
-                    if mac is not None:
-                        mac.update(dst[pos:pos + part.nbytes])
+                    _feed(hasher, mac, dst[pos:pos + part.nbytes])
                     pos += part.nbytes
         else:
             for v in views:
-                hasher.update(v)
-                if mac is not None:
-                    mac.update(v)
-        header = msgspec.structs.replace(header, checksum=hasher.hexdigest(), tag="")
-        if mac is not None:
-            header = msgspec.structs.replace(header, tag=self.tagger.finish(mac, header))
-        head = build_head(header, header.page_bytes, num_blocks,
-                          align_total=DIRECT_ALIGN if direct else 0)
+                _feed(hasher, mac, v)
+        head = self._final_head(header, hasher, mac, DIRECT_ALIGN if direct else 0)
         if len(head) != head_len:  # pragma: no cover - fixed-width fields
             raise AssertionError("chunk header changed length")
         if zero_copy:
@@ -237,11 +229,12 @@ class ChunkStore:
             self.io.write_atomic(path, [memoryview(head), *views])
         return head_len + payload_bytes
 
-    def _final_head(self, header: ChunkHeader, hasher, mac, num_blocks: int) -> bytes:
+    def _final_head(self, header: ChunkHeader, hasher, mac, align_total: int) -> bytes:
+        """The file's head once the whole payload went through ``hasher`` (and ``mac``)."""
         header = msgspec.structs.replace(header, checksum=hasher.hexdigest(), tag="")
         if mac is not None:
             header = msgspec.structs.replace(header, tag=self.tagger.finish(mac, header))
-        return build_head(header, header.page_bytes, num_blocks)
+        return build_head(header, header.page_bytes, header.num_blocks, align_total=align_total)
 
     def max_file_bytes(self, group_index: int) -> int:
         """Upper bound of one chunk file of ``group_index`` (header included), rounded up

@@ -8,7 +8,7 @@ block range) and an xxh3-64 checksum of the payload: the layer tensors'
 bytes in layer order.
 
 Invariants:
-- ``decode`` returns payload bytes only when the header matches what the
+- ``verify`` returns payload views only when the header matches what the
   caller expects and the checksum matches; anything else raises
   ``ChunkCorrupt`` (a subclass of ``ChunkError``). There is no partial result.
 - A header from a newer ``FORMAT_VERSION`` is never interpreted: it raises
@@ -49,7 +49,6 @@ __all__ = [
     "verify",
     "PayloadHasher",
     "encode",
-    "decode",
     "read_header",
 ]
 
@@ -121,35 +120,25 @@ def checksum(arrays: Sequence[np.ndarray]) -> str:
 
 
 def encode(header: ChunkHeader, arrays: Sequence[np.ndarray]) -> list[memoryview]:
-    """Serialize a chunk as buffers to write in order (no payload copy).
+    """Serialize a chunk as buffers to write in order (no payload copy), checksum filled in.
 
-    The bytes are a standard safetensors file (8-byte little-endian header
-    length, JSON header padded to 8 bytes, then the tensors back to back), so
-    any safetensors reader opens it; the header's checksum is computed here.
-    safetensors' own ``save`` would copy the whole payload once more, halving
-    write throughput, hence the header is written directly.
+    The bytes are a standard safetensors file (``build_head``, then the tensors back
+    to back), so any safetensors reader opens it. ``ChunkStore.write`` streams the
+    same bytes itself (hashing while it writes); this one-shot form is for tools and
+    tests that craft files.
     """
     if len(arrays) != len(header.layer_names):
         raise ValueError("one array per layer is required")
     payload = []
-    table: dict[str, object] = {}
-    offset = 0
     for i, arr in enumerate(arrays):
         if arr.dtype != np.uint8 or arr.ndim != 2:
             raise ValueError("layer payloads must be uint8[num_blocks, page_bytes]")
         if arr.shape != (header.num_blocks, header.page_bytes[i]):
             raise ValueError(f"layer {i}: shape {arr.shape} does not match header")
-        arr = np.ascontiguousarray(arr)
-        payload.append(arr)
-        table[f"layer.{i}"] = {"dtype": "U8", "shape": list(arr.shape),
-                               "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
+        payload.append(np.ascontiguousarray(arr))
     header = msgspec.structs.replace(header, checksum=checksum(payload))
-    table["__metadata__"] = {META_KEY: msgspec.json.encode(header).decode()}
-    head = msgspec.json.encode(table)
-    head += b" " * (-len(head) % 8)
-    return [memoryview(struct.pack("<Q", len(head)) + head)] + [
-        memoryview(a).cast("B") for a in payload]
+    head = build_head(header, header.page_bytes, header.num_blocks)
+    return [memoryview(head)] + [memoryview(a).cast("B") for a in payload]
 
 
 def build_head(header: ChunkHeader, page_bytes: Sequence[int], num_blocks: int, *,
@@ -202,14 +191,6 @@ def _parse_header(prefix: bytes | memoryview) -> tuple[ChunkHeader, dict, int]:
 def read_header(prefix: bytes | memoryview) -> ChunkHeader:
     """Header from the first bytes of a file (enough to cover the JSON header)."""
     return _parse_header(prefix)[0]
-
-
-def decode(data: bytes | bytearray | memoryview, **expect) -> tuple[ChunkHeader, list[np.ndarray]]:
-    """Verify and unpack a chunk. ``expect`` names header fields that must match.
-
-    Returns the header and the per-layer arrays (views into ``data``).
-    """
-    return verify(memoryview(data), expect)
 
 
 def verify(view: memoryview, expect: dict, tagger=None,
