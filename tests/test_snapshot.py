@@ -209,6 +209,8 @@ def _reencode(data: bytes, edit) -> bytes:
 
 
 def _flip(data: bytes, at: int) -> bytes:
+    if not data:  # an earlier edit truncated it to nothing: no bit to flip
+        return data
     b = bytearray(data)
     b[at % len(b)] ^= 0x10
     return bytes(b)
