@@ -45,6 +45,7 @@ from hybridkv.store.chunk_store import ChunkStore
 from hybridkv.store.fleet import FleetMember, apply_listing, list_keys
 from hybridkv.store.format import ChunkError
 from hybridkv.store.snapshot import SnapshotWriter, recheck, restore
+from hybridkv.vllm.compat import request_key_positions
 from hybridkv.vllm.events import ChunkEvents
 from hybridkv.vllm.metrics import DiskUsage, manager_stats
 from hybridkv.vllm.transfer import ChunkLoadSpec, ChunkStoreSpec
@@ -176,7 +177,7 @@ class HybridKVManager(OffloadingManager):
     def prepare_store(self, keys: Collection[OffloadKey],
                       req_context: ReqContext) -> PrepareStoreOutput | None:
         self._fleet_tick()
-        positions = _key_positions(req_context)
+        positions = request_key_positions(req_context)  # the one private read: compat
         by_position = {(key_group(k), p): k for k, p in positions.items()}
         batch: list[Candidate] = []
         for key in keys:
@@ -255,9 +256,11 @@ class HybridKVManager(OffloadingManager):
         capacity layer took the key along with another), failed_verification, gone, reset.
         """
         if self.fleet is not None:
-            return self._fleet_delete(keys, cause)
+            self._fleet_unlink(keys)
+        else:
+            for key in keys:
+                self.store.delete(key)
         for key in keys:
-            self.store.delete(key)
             self._count_evicted(key, cause)
         self.capacity.orphans.clear()
         if keys and self.emit_events:
@@ -486,8 +489,9 @@ class HybridKVManager(OffloadingManager):
             cause = "orphan"
         self.counters.add(f"chunks_evicted_{cause}", 1, group)
 
-    def _fleet_delete(self, keys: list[bytes], cause: str = "budget") -> None:
-        """``_delete`` in fleet mode: the holder lowers the fleet's usage by what it unlinked."""
+    def _fleet_unlink(self, keys: list[bytes]) -> None:
+        """``_delete``'s unlinks in fleet mode: the holder lowers the fleet's usage by what
+        it unlinked."""
         freed = 0
         for key in keys:
             try:
@@ -497,17 +501,5 @@ class HybridKVManager(OffloadingManager):
             if self.store.delete(key):
                 freed += size
             self._fleet_confirmed.pop(key, None)
-            self._count_evicted(key, cause)
-        self.capacity.orphans.clear()
-        if keys and self.emit_events:
-            self._events.append(OffloadingEvent(keys=keys, medium=Medium.STORAGE, removed=True))
         if self.fleet.holder:
             self.fleet.freed(freed)
-
-
-def _key_positions(req_context: ReqContext) -> dict[bytes, int]:
-    # vLLM records every offload key's end position on the request context; the one
-    # private read of vLLM that is left lives in hybridkv.vllm.compat (0.32 and 0.33)
-    from hybridkv.vllm.compat import request_key_positions
-
-    return request_key_positions(req_context)
