@@ -72,22 +72,9 @@ def pages_of(tensors, group_pos: int, block_ids) -> list[np.ndarray]:
     return out
 
 
-class PlainReadStore:
-    """A ChunkStore seen without ``read_into`` (an older store): loads take the
-    ``read`` + one copy fallback."""
-
-    def __init__(self, store: ChunkStore):
-        self._store = store
-
-    def __getattr__(self, name):
-        if name == "read_into":
-            raise AttributeError(name)
-        return getattr(self._store, name)
-
-
 def store_kinds(root) -> dict[str, ChunkStore]:
-    """The stores to test loads with: ``read_into`` (pinned buffers), and ``read``."""
-    return {"read_into": make_store(root / "a"), "read": PlainReadStore(make_store(root / "b"))}
+    """The stores to test loads with (named, for the assertion messages)."""
+    return {"read_into": make_store(root / "a")}
 
 
 # ---------------------------------------------------------------- checks shared by CPU and GPU tests
@@ -104,7 +91,7 @@ def _same(a, b) -> bool:
 
 
 def check_round_trip(device, root, seed: int = 0) -> None:
-    """Every group kind, both read paths: KV -> file -> other KV blocks, bit-exact; the
+    """Every group kind: KV -> file -> other KV blocks, bit-exact; the
     state rows' padding and every other block stay as they were."""
     from hybridkv.pages import load_chunk, store_chunk
 

@@ -181,7 +181,7 @@ def test_concurrent_jobs_share_a_small_pool(tmp_path):
 
 def test_read_into_payload_is_read_in_place(tmp_path):
     """With ``read_into`` the verified file lands in the pooled buffer and the payload
-    handed to the copy is that memory (no second copy); the fallback copies once."""
+    handed to the copy is that memory (no second copy)."""
     from hybridkv.pages.chunk_io import _payload
 
     store = make_store(tmp_path)
@@ -193,9 +193,6 @@ def test_read_into_payload_is_read_in_place(tmp_path):
         header, arrays = store.read_into(k, buf.array)
         payload = _payload(buf, arrays, header.payload_bytes)
         assert payload.data_ptr() == arrays[0].ctypes.data != buf.data.data_ptr()
-        header, arrays = store.read(k)
-        payload = _payload(buf, arrays, header.payload_bytes)
-        assert payload.data_ptr() == buf.data.data_ptr()
         assert np.array_equal(payload.numpy(), np.concatenate([a.ravel() for a in arrays]))
 
 

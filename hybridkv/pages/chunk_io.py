@@ -1,9 +1,9 @@
 """One chunk between the KV cache and its file: gather -> write, verified read -> scatter.
 
 Both directions hold one pooled host buffer for the whole chunk. Loads read the
-file into that buffer with ``ChunkStore.read_into`` when the store has it (the
-verified arrays are views into the buffer), else with ``ChunkStore.read`` plus
-one copy into the buffer.
+file into that buffer with ``ChunkStore.read_into``: the verified arrays are
+views into the buffer, back to back, so the payload goes to the KV cache from
+there without another copy.
 
 Invariants:
 - ``load_chunk`` copies nothing into the KV tensors unless the file verified
@@ -24,12 +24,9 @@ from hybridkv.keys import key_group
 from hybridkv.pages.copier import PageCopier, layer_arrays
 from hybridkv.pages.pool import HostBuffer
 from hybridkv.store.chunk_store import ChunkStore
-from hybridkv.store.format import ChunkError, ChunkHeader, ChunkMissing
+from hybridkv.store.format import ChunkError, ChunkMissing
 
-__all__ = ["store_chunk", "load_chunk", "host_buffer_bytes", "READ_SLACK_BYTES"]
-
-#: room for a chunk file's header when the store cannot say its largest file size
-READ_SLACK_BYTES = 1 << 20
+__all__ = ["store_chunk", "load_chunk", "host_buffer_bytes"]
 
 #: (index within the chunk, engine block id) per block, in block order
 Blocks = Sequence[tuple[int, int]]
@@ -39,43 +36,21 @@ def host_buffer_bytes(store: ChunkStore, copier_pages: Sequence[Sequence[int]],
                       group_ids: Sequence[int], blocks_per_chunk: int) -> int:
     """Bytes one host buffer needs for any chunk of these groups (payload or whole file)."""
     need = 1
-    max_file = getattr(store, "max_file_bytes", None)
     for pages, group_id in zip(copier_pages, group_ids):
-        payload = blocks_per_chunk * sum(pages)
-        file_bytes = (int(max_file(group_id)) if max_file is not None
-                      else payload + READ_SLACK_BYTES)
-        need = max(need, payload, file_bytes)
+        need = max(need, blocks_per_chunk * sum(pages), int(store.max_file_bytes(group_id)))
     return need
 
 
-def _read(store: ChunkStore, key: bytes, buf: HostBuffer) -> tuple[ChunkHeader, list[np.ndarray]]:
-    read_into = getattr(store, "read_into", None)
-    if read_into is not None:
-        return read_into(key, buf.array)
-    return store.read(key)
-
-
 def _payload(buf: HostBuffer, arrays: Sequence[np.ndarray], total: int) -> torch.Tensor:
-    """The arrays' bytes as one layer-major uint8 slice of ``buf``."""
-    if total > buf.data.numel():
-        raise ValueError(f"chunk payload of {total} bytes exceeds the host buffer "
-                         f"({buf.data.numel()} bytes)")
-    base = buf.array.ctypes.data
-    end = base + buf.data.numel()
-    addrs = [a.ctypes.data for a in arrays]
-    inside = [base <= x < end for x in addrs]
-    if arrays and all(inside) and all(a.flags.c_contiguous for a in arrays):
-        start = addrs[0] - base
-        if all(x - base == start + sum(b.nbytes for b in arrays[:i])
-               for i, x in enumerate(addrs)):
-            return buf.data[start:start + total]
-    if any(inside):  # views into buf, not back to back: copying in place could overlap
-        arrays = [np.concatenate([a.reshape(-1) for a in arrays])]
-    out, offset = buf.array, 0
-    for a in arrays:
-        out[offset:offset + a.nbytes] = a.reshape(-1)
-        offset += a.nbytes
-    return buf.data[:total]
+    """The verified arrays' bytes as one slice of ``buf``: ``read_into`` returns them as
+    views into ``buf``, back to back in layer order (``format.verify`` refuses any other
+    table), so the slice is the payload itself."""
+    start = arrays[0].ctypes.data - buf.array.ctypes.data if arrays else 0
+    offsets = [a.ctypes.data - buf.array.ctypes.data for a in arrays]
+    expected = [start + sum(a.nbytes for a in arrays[:i]) for i in range(len(arrays))]
+    if offsets != expected or not 0 <= start <= start + total <= buf.data.numel():
+        raise ValueError("verified chunk arrays are not back to back in the host buffer")
+    return buf.data[start:start + total]
 
 
 def store_chunk(copier: PageCopier, store: ChunkStore, key: bytes, *, group_pos: int,
@@ -96,7 +71,7 @@ def load_chunk(copier: PageCopier, store: ChunkStore, key: bytes, *, group_pos: 
     if not blocks:
         raise ValueError(f"load of chunk {key.hex()[:16]} lists no blocks")
     with copier.pool.take() as buf:
-        header, arrays = _read(store, key, buf)
+        header, arrays = store.read_into(key, buf.array)
         if header.group != key_group(key):  # the store checks it too; never trust one place
             raise ChunkError(f"chunk {key.hex()[:16]} holds group {header.group}")
         first, count = header.block_offset, header.num_blocks
