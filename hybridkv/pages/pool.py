@@ -62,12 +62,11 @@ class HostBufferPool:
         return self._in_use
 
     def _allocate(self) -> HostBuffer:
-        if self.pin:  # cudaHostAlloc memory is page-aligned
-            data = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
-        else:
-            raw = np.empty(self.nbytes + ALIGN, dtype=np.uint8)
-            start = -raw.ctypes.data % ALIGN
-            data = torch.from_numpy(raw[start:start + self.nbytes])
+        # neither allocator promises page alignment (torch's pinned caching allocator was
+        # seen handing out a block 1536 bytes past a page): take a page more, start on one
+        raw = torch.empty(self.nbytes + ALIGN, dtype=torch.uint8, pin_memory=self.pin)
+        start = -raw.data_ptr() % ALIGN
+        data = raw[start:start + self.nbytes]
         index = torch.empty(self.index_slots, dtype=torch.int64, pin_memory=self.pin)
         return HostBuffer(data, index)
 
