@@ -5,17 +5,23 @@ Invariants:
   ``ConfigError`` whose message names the key and the fix. Unknown keys are
   errors (a typo must not silently disable a budget).
 - Keys that belong to vLLM's OffloadingConnector pass through untouched.
+- The schema is declarative: ``HybridKVConfig``'s annotations (``msgspec.Meta``
+  constraints, ``Literal`` choices) are what msgspec checks, strictly (no bool for
+  an int, no string for a number); the only code before it turns accepted
+  spellings (``"200GiB"``, ``"0o640"``, ``true``, a ``Path``) into the field's type.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect
 
 from hybridkv.capacity import DEFAULT_HEADROOM
 from hybridkv.policies import policy_names
@@ -48,6 +54,8 @@ def parse_size(value: Any, key: str = "size") -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a size like '200GiB' or a byte count, got {value!r}")
     if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key}: expected a finite byte count, got {value!r}")
         if value < 0:
             raise ConfigError(f"{key}: must not be negative, got {value!r}")
         return int(value)
@@ -60,34 +68,56 @@ def parse_size(value: Any, key: str = "size") -> int:
         "'500MiB', '200GiB', '2TB'")
 
 
-class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
-    cache_dir: str
+#: finite seconds (inf is refused: "never" is spelled 0 where a setting allows it)
+_FINITE = sys.float_info.max
+
+
+def _valid(description: str, **constraints: Any) -> msgspec.Meta:
+    """A field's constraints; ``description`` completes "KEY: ..., got VALUE" when broken."""
+    return msgspec.Meta(description=description, **constraints)
+
+
+class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The settings, typed and constrained: ``from_extra_config`` checks them with msgspec.
+
+    Each field's ``msgspec.Meta`` holds its constraint and the words of its error.
+    """
+
+    cache_dir: Annotated[str, _valid("expected a directory path", min_length=1)]
     #: bytes the store may hold on disk (None: unbounded)
-    disk_budget: int | None = None
-    durability: str = "none"
-    file_mode: int = 0o600
-    dir_mode: int = 0o700
-    io_threads: int = 4
+    disk_budget: Annotated[int, _valid(
+        "expected a positive size (omit it for no limit)", gt=0)] | None = None
+    durability: Annotated[Literal[DURABILITY_CHOICES], _valid(
+        f"expected one of {DURABILITY_CHOICES}")] = "none"
+    file_mode: Annotated[int, _valid("expected a permission mode in 0..0o777", ge=0, le=0o777)] = 0o600
+    dir_mode: Annotated[int, _valid("expected a permission mode in 0..0o777", ge=0, le=0o777)] = 0o700
+    io_threads: Annotated[int, _valid("expected an integer in 1..256", ge=1, le=256)] = 4
     #: "buffered" (page cache) or "direct" (O_DIRECT; buffered where the filesystem refuses it)
-    io_mode: str = "buffered"
+    io_mode: Annotated[Literal[IO_MODE_CHOICES], _valid(
+        f"expected one of {IO_MODE_CHOICES}")] = "buffered"
     #: file holding a secret: tag every chunk file, serve only correctly tagged ones
-    integrity_key_file: str | None = None
+    integrity_key_file: Annotated[str, _valid("expected a path", min_length=1)] | None = None
     #: seconds between directory rescans when a lookup misses (0 disables)
-    refresh_interval: float = 2.0
+    refresh_interval: Annotated[float, _valid("expected seconds >= 0", ge=0)] = 2.0
     #: capacity policy: "group_aware" | "lru" | "watermark" (see hybridkv.policies)
-    eviction_policy: str = "group_aware"
+    eviction_policy: Annotated[str, _valid("expected the name of a registered policy")] = \
+        "group_aware"
     #: also keep windows / states every this many chunks (0: only at request ends and branches)
-    checkpoint_interval: int = 0
+    checkpoint_interval: Annotated[int, _valid(
+        "expected a number of chunks >= 0 (0: off)", ge=0)] = 0
     #: fraction of disk_budget freed beyond the need when eviction runs (fewer, larger runs)
-    eviction_headroom: float = DEFAULT_HEADROOM
+    eviction_headroom: Annotated[float, _valid(
+        "expected a fraction of disk_budget in 0..0.5", ge=0, le=0.5)] = DEFAULT_HEADROOM
     #: seconds between index snapshots (and one at shutdown) for a fast restart (0: none)
-    snapshot_interval: float = 300.0
+    snapshot_interval: Annotated[float, _valid(
+        "expected seconds >= 0 (0: no index snapshots)", ge=0, le=_FINITE)] = 300.0
     #: one budget for every engine on the directory: "off", "on", or "auto" (on when disk_budget is set)
-    fleet: str = "off"
+    fleet: Annotated[Literal["auto", "on", "off"], _valid(
+        "expected 'auto', 'on' or 'off' (or true/false)")] = "off"
     #: seconds between the lease holder's directory syncs while other engines are alive
-    fleet_interval: float = 5.0
+    fleet_interval: Annotated[float, _valid("expected seconds in 0.1..3600", ge=0.1, le=3600)] = 5.0
     #: seconds the fleet's eviction lease lasts without renewal (an engine silent 2x this is dead)
-    fleet_lease_ttl: float = 15.0
+    fleet_lease_ttl: Annotated[float, _valid("expected seconds in 1..3600", ge=1, le=3600)] = 15.0
 
     @property
     def cache_path(self) -> Path:
@@ -110,8 +140,14 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any]) -> HybridKVConfig:
+        """Typed settings from ``extra``; ConfigError naming the key on the first bad one.
+
+        Order: unknown keys, ``cache_dir``, each accepted spelling (sizes, octal modes,
+        booleans, paths), then msgspec's types and ranges, then rules across settings.
+        """
         known = set(cls.__struct_fields__)
-        unknown = sorted(k for k in extra if k not in known and k not in VLLM_KEYS)
+        settings = {k: v for k, v in extra.items() if k not in VLLM_KEYS}
+        unknown = sorted(set(settings) - known)
         if unknown:
             raise ConfigError(
                 f"unknown hybridkv setting(s) {unknown} in kv_connector_extra_config; "
@@ -121,66 +157,21 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(
                 "cache_dir: not set; add \"cache_dir\": \"/path/to/dir\" to "
                 "kv_connector_extra_config (or set HYBRIDKV_CACHE_DIR)")
-        kwargs: dict[str, Any] = {"cache_dir": os.fspath(cache_dir)}
-        if extra.get("disk_budget") is not None:
-            budget = parse_size(extra["disk_budget"], "disk_budget")
-            if budget <= 0:
-                raise ConfigError("disk_budget: must be positive (omit it for no limit)")
-            kwargs["disk_budget"] = budget
-        if "durability" in extra:
-            if extra["durability"] not in DURABILITY_CHOICES:
-                raise ConfigError(
-                    f"durability: {extra['durability']!r} is not one of {DURABILITY_CHOICES}")
-            kwargs["durability"] = extra["durability"]
-        for mode_key in ("file_mode", "dir_mode"):
-            if mode_key in extra:
-                kwargs[mode_key] = _parse_mode(extra[mode_key], mode_key)
-        if "io_threads" in extra:
-            n = extra["io_threads"]
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 256:
-                raise ConfigError(f"io_threads: expected an integer in 1..256, got {n!r}")
-            kwargs["io_threads"] = n
-        if "io_mode" in extra:
-            if extra["io_mode"] not in IO_MODE_CHOICES:
-                raise ConfigError(
-                    f"io_mode: {extra['io_mode']!r} is not one of {IO_MODE_CHOICES}")
-            kwargs["io_mode"] = extra["io_mode"]
-        if extra.get("integrity_key_file") is not None:
-            key_file = extra["integrity_key_file"]
-            if not isinstance(key_file, (str, os.PathLike)) or not os.fspath(key_file):
-                raise ConfigError(f"integrity_key_file: expected a path, got {key_file!r}")
-            # the file itself is checked where the key is read (``integrity_key``), at start
-            kwargs["integrity_key_file"] = os.fspath(key_file)
-        if "refresh_interval" in extra:
-            r = extra["refresh_interval"]
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or r < 0:
-                raise ConfigError(f"refresh_interval: expected seconds >= 0, got {r!r}")
-            kwargs["refresh_interval"] = float(r)
-        if "eviction_policy" in extra:
-            if extra["eviction_policy"] not in policy_names():
-                raise ConfigError(
-                    f"eviction_policy: {extra['eviction_policy']!r} is not one of {policy_names()}")
-            kwargs["eviction_policy"] = extra["eviction_policy"]
-        if "checkpoint_interval" in extra:
-            k = extra["checkpoint_interval"]
-            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-                raise ConfigError(
-                    f"checkpoint_interval: expected a number of chunks >= 0 (0: off), got {k!r}")
-            kwargs["checkpoint_interval"] = k
-        if "eviction_headroom" in extra:
-            h = extra["eviction_headroom"]
-            if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 <= h <= 0.5:
-                raise ConfigError(
-                    f"eviction_headroom: expected a fraction of disk_budget in 0..0.5, got {h!r}")
-            kwargs["eviction_headroom"] = float(h)
-        if "snapshot_interval" in extra:
-            t = extra["snapshot_interval"]
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
-                raise ConfigError(
-                    f"snapshot_interval: expected seconds >= 0 (0: no index snapshots), got {t!r}")
-            kwargs["snapshot_interval"] = float(t)
-        kwargs.update(_parse_fleet(extra, kwargs.get("disk_budget")))
-        return cls(**kwargs)
+        settings["cache_dir"] = cache_dir
+        for key, spelling in _SPELLINGS.items():
+            if settings.get(key) is not None:
+                settings[key] = spelling(settings[key], key)
+        try:
+            config = msgspec.convert(settings, cls, strict=True)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(_explain(exc, settings)) from None
+        if config.eviction_policy not in policy_names():
+            raise ConfigError(f"eviction_policy: expected one of {policy_names()}, "
+                              f"got {config.eviction_policy!r}")
+        if config.fleet == "on" and config.disk_budget is None:
+            raise ConfigError("fleet: 'on' needs a disk_budget to share; set disk_budget or "
+                              "fleet='off'")
+        return config
 
     def check_directory(self) -> None:
         """Create ``cache_dir`` if needed; raise ConfigError if it is unusable."""
@@ -197,32 +188,56 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True):
                 "choose a writable directory or fix its permissions")
 
 
-def _parse_fleet(extra: Mapping[str, Any], budget: int | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if "fleet" in extra:
-        f = extra["fleet"]
-        f = {True: "on", False: "off"}.get(f, f) if isinstance(f, bool) else f
-        if f not in ("auto", "on", "off"):
-            raise ConfigError(f"fleet: expected 'auto', 'on' or 'off' (or true/false), got {f!r}")
-        if f == "on" and budget is None:
-            raise ConfigError("fleet: 'on' needs a disk_budget to share; set disk_budget or "
-                              "fleet='off'")
-        out["fleet"] = f
-    for key, low, high in (("fleet_interval", 0.1, 3600.0), ("fleet_lease_ttl", 1.0, 3600.0)):
-        if key in extra:
-            v = extra[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
-                raise ConfigError(f"{key}: expected seconds in {low:g}..{high:g}, got {v!r}")
-            out[key] = float(v)
-    return out
+def _octal(value: Any, key: str) -> Any:
+    """``"0o640"`` / ``"640"`` -> 0o640; other values go to msgspec unchanged."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return int(value, 8)
+    except ValueError:
+        raise ConfigError(f"{key}: expected an octal mode like '0o640' or '640'") from None
 
 
-def _parse_mode(value: Any, key: str) -> int:
-    if isinstance(value, str):
-        try:
-            value = int(value, 8)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an octal mode like '0o640' or '640'") from None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
-        raise ConfigError(f"{key}: expected a permission mode in 0..0o777, got {value!r}")
-    return value
+def _path(value: Any, key: str) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _on_off(value: Any, key: str) -> Any:
+    return {True: "on", False: "off"}[value] if isinstance(value, bool) else value
+
+
+#: accepted spellings, normalized to the field's type before msgspec checks it
+#: (None stays None: msgspec accepts it where the field is optional, refuses it elsewhere)
+_SPELLINGS: dict[str, Callable[[Any, str], Any]] = {
+    "cache_dir": _path,
+    "disk_budget": parse_size,
+    "file_mode": _octal,
+    "dir_mode": _octal,
+    "integrity_key_file": _path,
+    "fleet": _on_off,
+}
+
+
+def _expected(info: Any) -> str | None:
+    """The ``description`` of a field's ``msgspec.Meta`` (looked for through ``| None``)."""
+    if isinstance(info, msgspec.inspect.Metadata):
+        return (info.extra_json_schema or {}).get("description") or _expected(info.type)
+    for member in getattr(info, "types", ()):
+        found = _expected(member)
+        if found:
+            return found
+    return None
+
+
+_EXPECTED = {f.name: _expected(f.type)
+             for f in msgspec.inspect.type_info(HybridKVConfig).fields}
+_AT_KEY = re.compile(r" - at `\$\.([A-Za-z_]+)`$")
+
+
+def _explain(exc: msgspec.ValidationError, settings: Mapping[str, Any]) -> str:
+    """msgspec's ``... - at `$.key``` as ``key: <the field's description>, got <value>``."""
+    m = _AT_KEY.search(str(exc))
+    if m is None or m.group(1) not in _EXPECTED:
+        return f"kv_connector_extra_config: {exc}"
+    key = m.group(1)
+    return f"{key}: {_EXPECTED[key] or 'invalid'}, got {settings.get(key)!r}"

@@ -74,3 +74,43 @@ def test_directory_that_cannot_be_created(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="cache_dir"):
         HybridKVConfig.from_extra_config({"cache_dir": str(blocker / "sub")}).check_directory()
+
+
+@pytest.mark.parametrize("key,bad", [
+    ("durability", "paranoid"), ("durability", None), ("file_mode", 0o1000), ("dir_mode", True),
+    ("io_threads", 257), ("io_threads", 2.0), ("io_mode", "mmap"), ("integrity_key_file", ""),
+    ("refresh_interval", -0.5), ("refresh_interval", float("nan")), ("refresh_interval", "2"),
+    ("eviction_policy", 3), ("eviction_policy", "fifo"), ("checkpoint_interval", 1.5),
+    ("eviction_headroom", True), ("snapshot_interval", float("inf")), ("fleet", "yes"),
+    ("fleet_interval", 3601), ("fleet_lease_ttl", None), ("disk_budget", float("nan")),
+])
+def test_every_refusal_starts_with_the_key_and_shows_the_value(key, bad):
+    with pytest.raises(ConfigError, match=f"^{key}: ") as info:
+        HybridKVConfig.from_extra_config({"cache_dir": "/x", key: bad})
+    assert "\n" not in str(info.value)
+    if key != "disk_budget":  # parse_size words its own refusals
+        assert str(info.value).endswith(f"got {bad!r}"), str(info.value)
+
+
+def test_every_unknown_key_is_listed_with_the_valid_ones():
+    with pytest.raises(ConfigError) as info:
+        HybridKVConfig.from_extra_config({"cache_dir": "/x", "zz": 1, "disk_budgt": 2,
+                                          "spec_name": "vLLM's own"})
+    msg = str(info.value)
+    assert msg.startswith("unknown hybridkv setting(s) ['disk_budgt', 'zz']"), msg
+    assert "'disk_budget'" in msg and "'spec_name'" in msg
+
+
+def test_accepted_spellings(tmp_path, monkeypatch):
+    c = HybridKVConfig.from_extra_config({
+        "cache_dir": tmp_path, "integrity_key_file": tmp_path / "k", "disk_budget": "1.5TB",
+        "dir_mode": "750", "file_mode": 0o644, "fleet": True, "refresh_interval": 1})
+    assert c.cache_dir == str(tmp_path) and c.integrity_key_file == str(tmp_path / "k")
+    assert c.disk_budget == 1_500_000_000_000 and c.dir_mode == 0o750 and c.file_mode == 0o644
+    assert c.fleet == "on" and c.fleet_enabled
+    assert c.refresh_interval == 1.0 and isinstance(c.refresh_interval, float)
+    assert HybridKVConfig.from_extra_config({"cache_dir": "/x", "fleet": False}).fleet == "off"
+    assert HybridKVConfig.from_extra_config({"cache_dir": "/x", "disk_budget": None,
+                                             "integrity_key_file": None}).disk_budget is None
+    monkeypatch.setenv("HYBRIDKV_CACHE_DIR", str(tmp_path))
+    assert HybridKVConfig.from_extra_config({}).cache_dir == str(tmp_path)
