@@ -13,7 +13,7 @@ from hybridkv.index import ChunkIndex
 from hybridkv.keys import make_key
 from hybridkv.store.chunk_store import ChunkStore
 from hybridkv.store.fileio import FileIO
-from hybridkv.store.fleet import FleetMember, Lease, sync_index
+from hybridkv.store.fleet import FleetAction, FleetMember, Lease, sync_index
 from test_store import layout
 
 pytestmark = pytest.mark.fast
@@ -143,7 +143,7 @@ def test_grants_never_oversubscribe_the_budget(tmp_path):
 def test_holder_sync_sets_baselines_and_forgets_dead_members(tmp_path):
     clock = Clock()
     a, b = member(tmp_path, "a", clock), member(tmp_path, "b", clock)
-    assert a.poll(force=True) == "sync"  # a becomes the holder
+    assert a.poll(force=True) is FleetAction.SYNC  # a becomes the holder
     assert b.admit(300)
     b.done(300)  # b's file is on disk now: the holder's listing will count it
     assert b.poll(force=True) is None  # not the holder; publishes its figures
@@ -219,12 +219,12 @@ def test_a_refused_member_asks_the_holder_for_room_until_it_gives_up(tmp_path):
     clock = Clock()
     holder = member(tmp_path, "h", clock, budget=1000, interval=2.0)
     other = member(tmp_path, "o", clock, budget=1000, interval=2.0)
-    assert holder.poll(force=True) == "sync"
+    assert holder.poll(force=True) is FleetAction.SYNC
     holder.finish_sync(holder.begin_sync(), disk_bytes=0)
     assert holder.admit(900)
     assert not other.admit(300)  # the fleet is full: refused, demand published
     assert other.read_members()["o"].demand == 300
-    assert holder.poll(force=True) == "evict" and holder.wanted == 300
+    assert holder.poll(force=True) is FleetAction.EVICT and holder.wanted == 300
     clock.t += 2.5  # not asked again within the interval: the demand is withdrawn
     assert other.poll(force=True) is None
     assert other.read_members()["o"].demand == 0

@@ -35,6 +35,7 @@ Invariants:
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import secrets
@@ -52,7 +53,7 @@ from hybridkv.store.fileio import FileIO
 from hybridkv.store.format import ChunkError
 from hybridkv.store.paths import CHUNK_SUFFIX
 
-__all__ = ["FleetMember", "Lease", "LeaseRecord", "Usage", "FleetState", "sync_index",
+__all__ = ["FleetAction", "FleetMember", "UsageSnapshot", "Lease", "LeaseRecord", "Usage", "FleetState", "sync_index",
            "list_keys", "apply_listing",
            "FLEET_DIR", "DEFAULT_INTERVAL", "DEFAULT_LEASE_TTL", "GRANT_CAP"]
 
@@ -67,6 +68,13 @@ DEFAULT_LEASE_TTL = 15.0
 GRANT_CAP = 64 * 2**20
 
 _HOST = socket.gethostname().replace(".", "_")[:32]
+
+
+class FleetAction(enum.Enum):
+    """What ``FleetMember.poll`` asks the holder to do now (None: nothing is due)."""
+
+    SYNC = "sync"  # list the directory, then evict
+    EVICT = "evict"  # a member asks for room, or usage is over the budget
 
 
 class LeaseRecord(msgspec.Struct, kw_only=True):
@@ -425,11 +433,12 @@ class FleetMember:
         self._blocked_until = 0.0
 
     # ------------------------------------------------------------------ polling
-    def poll(self, force: bool = False) -> str | None:
+    def poll(self, force: bool = False) -> FleetAction | None:
         """Heartbeat and lease; for the holder, what to do now.
 
-        Returns ``"sync"`` (list the directory, then evict), ``"evict"`` (a member
-        asks for room, or usage is over the budget) or None. Cheap unless due.
+        Returns ``FleetAction.SYNC`` (list the directory, then evict),
+        ``FleetAction.EVICT`` (a member asks for room, or usage is over the budget)
+        or None. Cheap unless due.
         """
         now = self.clock()
         if not force and now < self._next_poll:
@@ -446,16 +455,16 @@ class FleetMember:
             return None
         if not was_holder:
             log.info("hybridkv fleet: %s holds the eviction lease", self.member_id)
-            return "sync"
+            return FleetAction.SYNC
         members = self.read_members()
         usage = self.usage(members)
         others = self.live_members > 1
         if others and now - self.last_sync >= self.interval:
-            return "sync"
+            return FleetAction.SYNC
         self.wanted = max((u.demand for m, u in members.items() if m != self.member_id),
                           default=0)
         if usage > self.budget or self.wanted:
-            return "evict"
+            return FleetAction.EVICT
         return None
 
     @property
