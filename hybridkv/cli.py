@@ -31,7 +31,7 @@ __all__ = ["main"]
 
 
 def _resolve_model(model: str | None) -> str:
-    from hybridkv.models import ALL_KINDS, build_tiny_model, default_model_dir
+    from hybridkv.demo.models import ALL_KINDS, build_tiny_model, default_model_dir
 
     kind = model or "gemma3"
     if kind in ALL_KINDS:
@@ -46,7 +46,7 @@ class UsageError(Exception):
 
 
 def _check_model(model: str | None) -> None:
-    from hybridkv.models import ALL_KINDS
+    from hybridkv.demo.models import ALL_KINDS
 
     if model is None or model in ALL_KINDS:
         return
@@ -93,7 +93,7 @@ def _settings(args) -> dict:
 def cmd_serve(args, passthrough: list[str]) -> int:
     from hybridkv.vllm import kv_transfer_config
 
-    from hybridkv.models import VLLM_ENGINE_KWARGS, tiny_model_kind
+    from hybridkv.demo.models import VLLM_ENGINE_KWARGS, tiny_model_kind
 
     model = _resolve_model(args.model)
     config = kv_transfer_config(os.path.abspath(args.cache_dir), **_settings(args))
@@ -126,7 +126,7 @@ def _run_lifetime(model: str, cache_dir: str, prompts, workdir: Path, name: str,
     prompts_file = workdir / "prompts.json"
     prompts_file.write_text(json.dumps(prompts))
     out = workdir / f"{name}.json"
-    cmd = [sys.executable, "-m", "hybridkv.vllm.session", "--model", model,
+    cmd = [sys.executable, "-m", "hybridkv.demo.session", "--model", model,
            "--cache-dir", cache_dir, "--prompts", str(prompts_file), "--out", str(out),
            "--settings", json.dumps(settings)]
     log = workdir / f"{name}.log"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hybridkv.models import (  # noqa: E402
+from hybridkv.demo.models import (  # noqa: E402
     MODEL_KINDS,
     VLLM_ENGINE_KWARGS,
     build_tiny_model,

@@ -38,7 +38,7 @@ def run_engine(model: Path, prompts, out: Path, cache_dir: Path | None, settings
     # prompts with between-prompt actions (reset the prefix cache, settle, measure the disk)
     # need the test session; plain prompts run through the production one
     planned = any(isinstance(p, dict) and ("before" in p or "after" in p) for p in prompts)
-    session = "hybridkv.testing.session" if planned else "hybridkv.vllm.session"
+    session = "hybridkv.testing.session" if planned else "hybridkv.demo.session"
     cmd = [sys.executable, "-m", session, "--model", str(model),
            "--prompts", str(prompts_file), "--out", str(out)]
     if cache_dir is not None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hybridkv.models import (
+from hybridkv.demo.models import (
     MARKER_NAME,
     MODEL_KINDS,
     VLLM_ENGINE_KWARGS,

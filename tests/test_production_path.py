@@ -1,8 +1,13 @@
-"""No test code on the production path (issue 12, part 4).
+"""No test code on the production path (issue 12, part 4), no scaffolding in the core.
 
 - No module of hybridkv outside ``hybridkv.testing`` imports it: statically
   (every import statement) and at run time (importing every production module
   in a fresh interpreter leaves no ``hybridkv.testing`` module loaded).
+- The random-weight models and the demo session live in ``hybridkv.demo``
+  (``hybridkv/models.py`` and ``hybridkv/vllm/session.py`` are gone), and only
+  the command line (``hybridkv.cli``: ``demo``, ``serve`` without a model)
+  imports it: statically, and at run time (importing every other production
+  module loads no ``hybridkv.demo`` module).
 - No environment variable changes how a production store does I/O: the old
   fault switch ``HYBRIDKV_FAULTS`` does nothing, and the only ``HYBRIDKV_*``
   variables production code names are the documented ones below.
@@ -27,8 +32,10 @@ TESTING = PACKAGE / "testing"
 ALLOWED_ENV = {
     "HYBRIDKV_CACHE_DIR": "default cache_dir when the setting is absent (where, not how)",
     "HYBRIDKV_MODEL_CACHE": "where the tiny demo models are built",
-    "HYBRIDKV_MAX_MODEL_LEN": "max_model_len of the demo / test sessions' engines",
 }
+
+#: production modules that may import ``hybridkv.demo`` (besides ``hybridkv.demo`` itself)
+DEMO_USERS = {"hybridkv.cli"}
 
 
 def production_files() -> list[Path]:
@@ -42,6 +49,10 @@ def production_modules() -> list[str]:
         parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
         out.append(".".join(parts))
     return out
+
+
+def is_demo(module: str) -> bool:
+    return module == "hybridkv.demo" or module.startswith("hybridkv.demo.")
 
 
 def imported_names(tree: ast.AST) -> set[str]:
@@ -78,11 +89,33 @@ def test_no_production_module_imports_hybridkv_testing():
 
 
 @pytest.mark.fast
+def test_scaffolding_is_out_of_the_core_and_only_the_cli_imports_it():
+    assert not (PACKAGE / "models.py").exists()
+    assert not (PACKAGE / "vllm" / "session.py").exists()
+    assert (PACKAGE / "demo" / "models.py").is_file()
+    assert (PACKAGE / "demo" / "session.py").is_file()
+    importers = {}
+    for path, module in zip(production_files(), production_modules()):
+        names = imported_names(ast.parse(path.read_text(), str(path)))
+        assert "hybridkv.models" not in names and "hybridkv.vllm.session" not in names, module
+        if any(is_demo(n) for n in names) and not is_demo(module):
+            importers[module] = sorted(n for n in names if is_demo(n))
+    assert set(importers) == DEMO_USERS, importers
+
+
+@pytest.mark.fast
 def test_importing_every_production_module_loads_no_testing_module():
+    # the modules that may import hybridkv.demo come last: the others, imported first,
+    # must not load it
+    modules = sorted(production_modules(), key=lambda m: is_demo(m) or m in DEMO_USERS)
+    core = [m for m in modules if not (is_demo(m) or m in DEMO_USERS)]
     script = f"""
 import importlib, json, sys
 failed = {{}}
-for name in {production_modules()!r}:
+demo_before_cli = []
+for name in {modules!r}:
+    if name == {modules[len(core)]!r}:
+        demo_before_cli = sorted(m for m in sys.modules if m.startswith("hybridkv.demo"))
     try:
         importlib.import_module(name)
     except ModuleNotFoundError as exc:  # an optional third-party dependency
@@ -91,7 +124,7 @@ for name in {production_modules()!r}:
     except Exception as exc:
         failed[name] = repr(exc)
 loaded = sorted(m for m in sys.modules if m.startswith("hybridkv"))
-print(json.dumps({{"loaded": loaded, "failed": failed}}))
+print(json.dumps({{"loaded": loaded, "failed": failed, "demo_before_cli": demo_before_cli}}))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=ROOT, timeout=600)
@@ -100,8 +133,10 @@ print(json.dumps({{"loaded": loaded, "failed": failed}}))
     assert result["failed"] == {}
     # the adapter really was imported (vLLM is installed here), so the check means something
     assert {"hybridkv.vllm.connector", "hybridkv.vllm.spec", "hybridkv.vllm.manager",
-            "hybridkv.vllm.worker", "hybridkv.vllm.session", "hybridkv.cli"} <= set(result["loaded"])
+            "hybridkv.vllm.worker", "hybridkv.demo.session",
+            "hybridkv.cli"} <= set(result["loaded"])
     assert [m for m in result["loaded"] if m.startswith("hybridkv.testing")] == []
+    assert result["demo_before_cli"] == []
 
 
 @pytest.mark.fast

@@ -1,4 +1,8 @@
-"""Tiny random-weight hybrid models for tests and demos (no downloads).
+"""Random-weight hybrid models for the demo, the tests and the benchmarks (no downloads).
+
+Built locally from transformers config classes, with the layer layout of Gemma3
+(sliding + full attention) and Qwen3-Next (linear + full attention); the weights
+are random, so the outputs mean nothing beyond being deterministic.
 
 Invariants:
 - ``build_tiny_model(kind, path, seed=s)`` is deterministic in (kind, seed,
