@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from hybridkv.models import build_tiny_model, default_model_dir
+    from hybridkv.demo.models import build_tiny_model, default_model_dir
 
     def build(kind: str):
         return build_tiny_model(kind, default_model_dir(kind))
