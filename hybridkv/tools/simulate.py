@@ -141,8 +141,8 @@ def _check_plot(path: str | None) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ToolError("--plot needs matplotlib, which is not installed: "
-                        "pip install matplotlib (or drop --plot)") from None
+        raise ToolError("--plot needs matplotlib: pip install 'hybridkv[plot]' "
+                        "(or drop --plot)") from None
 
 
 _WORK: tuple[Trace, SimModel] | None = None
