@@ -24,6 +24,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# fast tests only: no engine, slow or gpu test (tests/conftest.py rejects a test marked both)
 test-fast: setup
 	$(PY) -m pytest -q -m fast
 

@@ -1,4 +1,10 @@
-"""Shared fixtures: tiny random-weight hybrid models, built once per machine."""
+"""Shared fixtures: tiny random-weight hybrid models, built once per machine.
+
+Markers exclude each other: a ``fast`` test (``make test-fast``) carries none of ``engine``,
+``slow``, ``gpu``. A test that carries both (say a ``@slow`` test in a module whose
+``pytestmark`` is ``fast``) stops collection with an error naming it; pytest's ``-m`` adds
+markers up, so mark such modules test by test.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,23 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+HEAVY = ("engine", "slow", "gpu")
+
+
+def mixed_markers(items) -> list[str]:
+    """Node ids of the items marked ``fast`` and also one of ``HEAVY``."""
+    return [item.nodeid for item in items if item.get_closest_marker("fast")
+            and any(item.get_closest_marker(name) for name in HEAVY)]
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: every collected item is checked
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests need CUDA: skip them where torch sees no GPU."""
+    """Reject ``fast`` mixed with ``engine``/``slow``/``gpu``; skip ``gpu`` tests without CUDA."""
+    mixed = mixed_markers(items)
+    if mixed:
+        raise pytest.UsageError(
+            f"marked fast and also {'/'.join(HEAVY)} (markers exclude: mark each test "
+            f"of such a module on its own): {', '.join(mixed)}")
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow]
-
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "examples" / "hit_rates.ipynb"
 BENCHMARK = ROOT / "benchmarks" / "hit_rate.py"
@@ -51,6 +49,7 @@ def _last_code_output(nb) -> str:
     return "".join(o.get("text", "") for o in code[-1].outputs if o.output_type == "stream")
 
 
+@pytest.mark.slow
 def test_notebook_executes(python3_kernel, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

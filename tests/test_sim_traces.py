@@ -24,7 +24,7 @@ from hybridkv.sim.traces import (
     working_set_tokens,
 )
 
-pytestmark = pytest.mark.fast
+# marked test by test, not by pytestmark: one test is slow (tests/conftest.py)
 
 NAMES = ["multi_turn", "shared_system", "agentic", "document_qa"]
 
@@ -64,6 +64,7 @@ def full_blocks(r: Request, block_tokens: int) -> tuple[int, ...]:
 
 # --------------------------------------------------------------------------- generators
 
+@pytest.mark.fast
 def test_registry_and_unknown_name():
     assert sorted(GENERATORS) == sorted(NAMES)
     with pytest.raises(ValueError, match="multi_turn.*shared_system.*agentic.*document_qa"):
@@ -72,6 +73,7 @@ def test_registry_and_unknown_name():
         make_trace("agentic", scale="huge")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name", NAMES)
 def test_quick_trace_shape(quick, name):
     trace = quick[name]
@@ -87,6 +89,7 @@ def test_quick_trace_shape(quick, name):
     assert times == sorted(times) and times[-1] > times[0]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name", NAMES)
 def test_full_scale_is_3_to_5_times_quick(quick, name):
     full = make_trace(name, scale="full")
@@ -98,6 +101,7 @@ def large_chat() -> Trace:
     return make_trace("multi_turn", scale="large")
 
 
+@pytest.mark.fast
 def test_large_multi_turn_is_production_sized(large_chat):
     s = prefix_stats(large_chat)
     assert 11_000 <= s["requests"] <= 13_000
@@ -107,6 +111,7 @@ def test_large_multi_turn_is_production_sized(large_chat):
     assert times == sorted(times)
 
 
+@pytest.mark.fast
 def test_large_scale_is_deterministic(large_chat):
     again = make_trace("multi_turn", scale="large")
     assert again == large_chat
@@ -121,6 +126,7 @@ def test_large_scale_of_every_generator(name):
     check_prefix_ids(trace)
 
 
+@pytest.mark.fast
 def test_extending_a_hashed_prompt_gives_the_ids_of_hashing_it_whole():
     # the builder resumes from a prompt hashed before; the ids must not depend on it
     from hybridkv.sim.traces import _Builder
@@ -132,6 +138,7 @@ def test_extending_a_hashed_prompt_gives_the_ids_of_hashing_it_whole():
     assert [b.hash_ids(segs[:k]) for k in range(len(segs), 0, -1)] == resumed[::-1]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name", NAMES)
 def test_deterministic_per_seed(quick, name):
     assert make_trace(name) == quick[name]
@@ -139,6 +146,7 @@ def test_deterministic_per_seed(quick, name):
     assert make_trace(name, seed=1) != quick[name]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("block_tokens", [64, 16])
 def test_prefix_ids(quick, name, block_tokens):
@@ -148,6 +156,7 @@ def test_prefix_ids(quick, name, block_tokens):
     check_prefix_ids(trace)
 
 
+@pytest.mark.fast
 def test_prefix_id_check_catches_an_id_reused_after_another_prefix():
     bad = Trace(name="bad", block_tokens=4, requests=[
         Request(hash_ids=(1, 2), input_length=8),
@@ -157,6 +166,7 @@ def test_prefix_id_check_catches_an_id_reused_after_another_prefix():
         check_prefix_ids(bad)
 
 
+@pytest.mark.fast
 def test_multi_turn_each_turn_extends_the_previous_prompt(quick):
     trace = quick["multi_turn"]
     B = trace.block_tokens
@@ -176,6 +186,7 @@ def test_multi_turn_each_turn_extends_the_previous_prompt(quick):
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
 
 
+@pytest.mark.fast
 def test_shared_system_prompts_are_popular_and_suffixes_unique(quick):
     trace = quick["shared_system"]
     counts = defaultdict(int)
@@ -186,6 +197,7 @@ def test_shared_system_prompts_are_popular_and_suffixes_unique(quick):
     assert len({r.hash_ids[-1] for r in trace.requests}) == len(trace.requests)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("small", [False, True])
 def test_agentic_siblings_share_parent_prompt_then_diverge(quick, small):
     if small:
@@ -212,6 +224,7 @@ def test_agentic_siblings_share_parent_prompt_then_diverge(quick, small):
     assert families >= 3
 
 
+@pytest.mark.fast
 def test_document_qa_questions_share_documents_and_interleave(quick):
     trace = quick["document_qa"]
     docs = by_session(trace)
@@ -224,6 +237,7 @@ def test_document_qa_questions_share_documents_and_interleave(quick):
     assert switches > 2 * len(docs)
 
 
+@pytest.mark.fast
 def test_stats():
     trace = Trace(name="t", block_tokens=4, requests=[
         Request(hash_ids=(1, 2), input_length=7),
@@ -238,6 +252,7 @@ def test_stats():
 
 # --------------------------------------------------------------------------- JSONL
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name", NAMES)
 def test_jsonl_round_trip(quick, tmp_path, name):
     trace = quick[name]
@@ -247,6 +262,7 @@ def test_jsonl_round_trip(quick, tmp_path, name):
     assert (loaded.name, loaded.block_tokens) == (name, trace.block_tokens)
 
 
+@pytest.mark.fast
 def test_saved_lines_are_mooncake_objects(quick, tmp_path):
     path = save_jsonl(quick["agentic"], tmp_path / "a.jsonl")
     lines = path.read_text().splitlines()
@@ -257,6 +273,7 @@ def test_saved_lines_are_mooncake_objects(quick, tmp_path):
     assert first["timestamp"] == round(quick["agentic"].requests[0].timestamp * 1000)
 
 
+@pytest.mark.fast
 def test_load_mooncake_lines_with_optional_fields(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"timestamp": 1500, "input_length": 1025, "output_length": 7,'
@@ -274,6 +291,7 @@ def test_load_mooncake_lines_with_optional_fields(tmp_path):
     assert load_jsonl(path, name="x").name == "x"
 
 
+@pytest.mark.fast
 def test_load_token_lines(tmp_path):
     a = list(range(100))
     b = a[:70] + [7] * 30
@@ -290,6 +308,7 @@ def test_load_token_lines(tmp_path):
     check_prefix_ids(Trace(name="tok", block_tokens=16, requests=[ra, rb, rprefix]))
 
 
+@pytest.mark.fast
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 3), max_size=40), st.integers(0, 40),
        st.lists(st.integers(0, 3), max_size=20), st.integers(1, 8))
@@ -305,6 +324,7 @@ def test_token_ids_equal_exactly_when_prefixes_equal(a, cut, tail, block):
 GOOD = '{"timestamp": 5, "input_length": 3, "hash_ids": [1]}'
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("bad, why", [
     ('{"timestamp": 6, "hash_ids": [1]}', "missing field 'input_length'"),
     ('{"timestamp": 6, "input_length": 3}', "missing field 'hash_ids'"),
