@@ -129,9 +129,9 @@ def test_large_scale_of_every_generator(name):
 @pytest.mark.fast
 def test_extending_a_hashed_prompt_gives_the_ids_of_hashing_it_whole():
     # the builder resumes from a prompt hashed before; the ids must not depend on it
-    from hybridkv.sim.traces import _Builder
+    from hybridkv.sim.trace_builder import Builder
 
-    b = _Builder(64, seed=0)
+    b = Builder(64, seed=0)
     segs = [b.fresh(n) for n in (100, 64, 37, 300, 1, 128)]
     resumed = [b.hash_ids(segs[:k]) for k in range(1, len(segs) + 1)]  # each from the last
     b._hashed.clear()
