@@ -111,19 +111,28 @@ def tiny_traces(draw):
 def test_decisions_equal_the_scan_on_random_traces(trace, model, fraction):
     sim = SIM_MODELS[model]
     budget = max(1, int(working_set_bytes(trace, sim) * fraction))
-    with comparing() as seen:
+    with comparing():
         replay(trace, sim, "group_aware", budget, check=True)
-    DECISIONS.append(len(seen))
-
-
-DECISIONS: list[int] = []
 
 
 def test_random_traces_made_decisions():
-    """The property above ran with a budget tight enough to evict (it ran first)."""
-    if not DECISIONS:
-        pytest.skip("the random-trace property did not run in this session")
-    assert sum(DECISIONS) >= 20
+    """The random traces and budgets of the property above make the policy decide (evict),
+    so the property compares decisions, not nothing. Its own derandomized examples."""
+    decisions: list[int] = []
+
+    @settings(max_examples=20, deadline=None, derandomize=True, database=None)
+    @given(trace=tiny_traces(), model=st.sampled_from(sorted(SIM_MODELS)),
+           fraction=st.sampled_from([0.1, 0.2, 0.35]))
+    def replayed(trace, model, fraction):
+        sim = SIM_MODELS[model]
+        budget = max(1, int(working_set_bytes(trace, sim) * fraction))
+        with comparing() as seen:
+            replay(trace, sim, "group_aware", budget, check=True)
+        decisions.append(len(seen))
+
+    replayed()
+    # 20 examples: 6 to 25 decisions each (hypothesis 6.x); most must decide at all
+    assert sum(decisions) >= 20 and sum(1 for n in decisions if n) >= len(decisions) // 2
 
 
 
