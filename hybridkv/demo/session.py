@@ -13,23 +13,27 @@ Prompts with ``before`` / ``after`` actions are refused: only the test aid
 ``engine_kwargs``, ``open_engine``, ``generate``, ``close_engine``; this module
 imports nothing from ``hybridkv.testing``).
 
-Invariant: when ``close_engine`` returns, the engine's processes have shut down,
-so every hybridkv counter file they wrote holds its final values.
+Invariant: when ``close_engine`` returns, the engine's processes have shut down
+(within ``SHUTDOWN_TIMEOUT_S``), so every hybridkv counter file they wrote holds
+its final values.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_MAX_MODEL_LEN", "close_engine", "engine_kwargs", "generate", "open_engine",
-           "run_session"]
+__all__ = ["DEFAULT_MAX_MODEL_LEN", "SHUTDOWN_TIMEOUT_S", "close_engine", "engine_kwargs",
+           "generate", "open_engine", "run_session"]
 
 DEFAULT_MAX_MODEL_LEN = 4096
+#: how long ``close_engine`` lets the engine's processes shut down before vLLM kills them
+SHUTDOWN_TIMEOUT_S = 60.0
 
 
 def engine_kwargs(model: str, cache_dir: str | None, *,
@@ -103,18 +107,26 @@ def generate(llm, spec: dict[str, Any], params) -> dict[str, Any]:
     return result
 
 
-def close_engine(llm) -> None:
-    """Shut the engine down and return once its processes have.
+def close_engine(llm, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+    """Shut the engine down; return once its processes have exited (or ``timeout`` s passed).
 
-    vLLM's client shutdown terminates the engine-core process and joins it (within
-    vLLM's shutdown timeout); that process shuts its workers down, and each hybridkv
-    manager and worker writes its counters, forced, as it shuts down
-    (``Counters.flush(force=True)``). A vLLM without that client method runs the same
-    shutdown as a finalizer when the caller drops its last reference to ``llm``.
+    vLLM's client shutdown sends the engine-core process SIGTERM and joins it; that
+    process shuts its workers down, then its scheduler, and each hybridkv worker and
+    manager writes its counters, forced (``Counters.flush(force=True)``), and the
+    manager its index snapshot, as it shuts down. vLLM's own grace (5 s) can be shorter
+    than that teardown on a loaded CPU (measured on 2 busy cores: the worker exited after
+    3 s and vLLM killed the engine core, still tearing down, at 5 s; given 60 s it exited
+    by itself after 6.3 s), hence ``timeout``.
+    A vLLM without that client method runs the same shutdown (with its own grace) as a
+    finalizer when the caller drops its last reference to ``llm``.
     """
     client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     shutdown = getattr(client, "shutdown", None)
-    if callable(shutdown):
+    if not callable(shutdown):
+        return
+    if "timeout" in inspect.signature(shutdown).parameters:
+        shutdown(timeout=timeout)
+    else:
         shutdown()
 
 
