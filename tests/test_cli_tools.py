@@ -24,7 +24,7 @@ from hybridkv.sim.layouts import SIM_MODELS
 from hybridkv.sim.replay import replay, working_set_bytes
 from hybridkv.sim.traces import Trace, load_jsonl, make_trace, save_jsonl
 from hybridkv.store.chunk_store import ChunkStore
-from hybridkv.store.fileio import tmp_name_prefix
+from hybridkv.store.file_map import tmp_name_prefix
 from hybridkv.store.snapshot import write_snapshot
 from hybridkv.tools.common import progress
 

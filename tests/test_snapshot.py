@@ -385,7 +385,7 @@ def test_keys_of_several_lengths(tmp_path):
 def test_stale_temp_files_are_found_by_the_snapshot_listing(tmp_path, monkeypatch):
     """With a snapshot the chunk directories are listed once: their temp files are
     cleaned from that listing, every other directory by the usual walk."""
-    from hybridkv.store.fileio import tmp_name_prefix
+    from hybridkv.store.file_map import tmp_name_prefix
 
     store, keys = make_store(tmp_path, 2)
     write_snapshot(store, full_scan(store))

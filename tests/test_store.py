@@ -16,7 +16,8 @@ from hybridkv.groups import GroupKind, GroupSpec, HybridLayout
 from hybridkv.index import ChunkIndex
 from hybridkv.keys import key_from_hex, key_hex, make_key
 from hybridkv.store.chunk_store import ChunkStore
-from hybridkv.store.fileio import FileIO, tmp_name_prefix
+from hybridkv.store.file_map import tmp_name_prefix
+from hybridkv.store.fileio import FileIO
 from hybridkv.store.format import (
     FORMAT_VERSION,
     ChunkCorrupt,

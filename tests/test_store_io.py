@@ -250,7 +250,7 @@ def test_fast_path_string_is_the_path(tmp_path):
     s = ChunkStore(tmp_path, layout(), rank=3)
     for g in (0, 1):
         key = make_key(bytes(range(32)), g)
-        assert s._path_str(key) == str(s.path(key))
+        assert s.paths.chunk_str(key) == str(s.path(key))
 
 
 @pytest.mark.parametrize("keyed", [False, True])
@@ -262,7 +262,6 @@ def test_large_buffered_chunk_is_hashed_piece_by_piece_as_written(tmp_path, keye
     s = ChunkStore(tmp_path, layout(page=300_000, blocks=2),
                    integrity_key=b"s" * 32 if keyed else None)
     s.ensure_dirs()
-    assert s.io.streams_writes
     arrays = arrays_for(s, 0, np.random.default_rng(9))  # 3 layers x 2 x 300 KB = 1.8 MB
     key = make_key(b"S" * 16, 0)
     calls = []

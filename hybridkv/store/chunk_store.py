@@ -28,8 +28,7 @@ import functools
 import logging
 import os
 import struct
-import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import xxhash
 
 from hybridkv.chunks import ChunkRecord
 from hybridkv.groups import HybridLayout
-from hybridkv.keys import ChunkKey, key_from_hex, key_group, key_hex
+from hybridkv.keys import key_group, key_hex
 from hybridkv.store.direct import (
     DIRECT_ALIGN,
     StagingBuffers,
@@ -47,7 +46,20 @@ from hybridkv.store.direct import (
     aligned_empty,
     is_aligned,
 )
-from hybridkv.store.fileio import FileIO, tmp_name_prefix
+from hybridkv.store.file_map import (
+    STALE_TMP_SECONDS,
+    FileMap,
+    Leaf,
+    LayoutFileInvalid,
+    is_chunk_name,
+    key_of_name,
+    list_names,
+    read_layout_file,
+    remove_stale_temp,
+    temp_files,
+    write_layout_file,
+)
+from hybridkv.store.fileio import FileIO
 from hybridkv.store.format import (
     FORMAT_VERSION,
     ChunkCorrupt,
@@ -62,7 +74,6 @@ from hybridkv.store.format import (
     verify,
 )
 from hybridkv.store.integrity import Tagger
-from hybridkv.store.paths import CHUNK_SUFFIX, TMP_SUFFIX, ChunkPaths
 
 __all__ = ["ChunkStore", "StoredChunk", "ChunkRecord"]
 
@@ -74,8 +85,6 @@ _SLICE_BYTES = 1 << 20
 #: JSON header bound beyond what a maximal header of the group encodes to
 _HEADER_SLACK = 1024
 _MAX_KEY_HEX = 256  # bound on the hex length of a key or parent (vLLM's are 64 + 8)
-#: temp files of a dead process, or older than this, are removed at start
-STALE_TMP_SECONDS = 3600.0
 
 
 #: what a scan finds: the record type shared with the index and its snapshot
@@ -90,14 +99,13 @@ class ChunkStore:
         store then owns); ``integrity_key``: tag every file and serve only tagged ones."""
         self.layout = layout
         self.fingerprint = layout.fingerprint
-        self.paths = ChunkPaths(cache_dir, self.fingerprint, rank)
+        self.paths = FileMap(cache_dir, self.fingerprint, rank)
         self.io = io or FileIO()
         if io_mode is not None:
             self.io.io_mode = io_mode
         self.tagger = Tagger(integrity_key) if integrity_key else None
         self._staging = StagingBuffers()
         self._max_file_bytes: dict[int, int] = {}
-        self._group_dirs: dict[int, str] = {}
 
     # ------------------------------------------------------------------ setup
     def ensure_dirs(self) -> None:
@@ -108,52 +116,26 @@ class ChunkStore:
         """
         self.check_layout_file()
         self.io.makedirs(self.paths.rank_dir())
-        if not self.paths.layout_file.exists():
-            body = msgspec.json.format(msgspec.json.encode(
-                {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,
-                 "layout": self.layout}))
-            try:
-                self.io.write_atomic(self.paths.layout_file, body)
-            except OSError as exc:  # another engine may race us; the content is equal
-                if not self.paths.layout_file.exists():
-                    raise exc
+        write_layout_file(self.io, self.paths.layout_file, self.layout)
 
     def check_layout_file(self) -> None:
-        """Refuse a layout directory written by a newer hybridkv."""
+        """Refuse a layout directory written by a newer hybridkv (``ChunkTooNew``);
+        an unreadable or foreign ``layout.json`` is logged and left alone."""
         path = self.paths.layout_file
         try:
-            doc = msgspec.json.decode(path.read_bytes())
+            read_layout_file(self.io, path)
         except FileNotFoundError:
             return
-        except (OSError, msgspec.DecodeError) as exc:
+        except (OSError, LayoutFileInvalid) as exc:
             log.warning("hybridkv: ignoring unreadable %s: %s", path, exc)
-            return
-        version = doc.get("format_version") if isinstance(doc, dict) else None
-        if isinstance(version, int) and version > FORMAT_VERSION:
-            raise ChunkTooNew(
-                f"{path} declares chunk format version {version}, newer than this "
-                f"hybridkv reads ({FORMAT_VERSION})")
 
     def check_writable(self) -> None:
         """Raise OSError with a clear message when chunks cannot be written here."""
-        probe = self.paths.rank_dir() / f"{tmp_name_prefix()}probe{TMP_SUFFIX}"
-        self.io.makedirs(probe.parent)
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.io.file_mode)
-        os.close(fd)
-        os.unlink(probe)
+        self.io.check_writable(self.paths.rank_dir())
 
     # ------------------------------------------------------------------ chunks
     def path(self, key: bytes, rank: int | None = None) -> Path:
         return self.paths.chunk(key, rank)
-
-    def _path_str(self, key: bytes) -> str:
-        """``str(self.path(key))`` without pathlib's cost (hot path of small chunks)."""
-        group = key_group(key)
-        gdir = self._group_dirs.get(group)
-        if gdir is None:
-            gdir = self._group_dirs[group] = str(self.paths.group_dir(group))
-        hx = key_hex(key)
-        return f"{gdir}/{hx[:2]}/{hx}{CHUNK_SUFFIX}"
 
     def exists(self, key: bytes) -> bool:
         return self.path(key).exists()
@@ -162,7 +144,7 @@ class ChunkStore:
               arrays: Sequence[np.ndarray], parent: bytes | None = None) -> int:
         """Store one chunk. Returns bytes written (0 if it already existed)."""
         group = self.layout.group(key_group(key))
-        path_str = self._path_str(key)
+        path_str = self.paths.chunk_str(key)
         if os.path.exists(path_str):
             return 0
         path = Path(path_str)
@@ -195,7 +177,7 @@ class ChunkStore:
         # O_DIRECT straight from the caller's pages when they are whole aligned pages
         # (a KV cache's usually are); the head is then a page multiple itself
         zero_copy = direct and all(is_aligned(v) for v in views)
-        if not direct and payload_bytes > _SLICE_BYTES and self.io.streams_writes:
+        if not direct and payload_bytes > _SLICE_BYTES:
             # large buffered chunk: hash each slice right before the kernel copies it
             self.io.write_streamed(path, head_len, views, functools.partial(
                 _feed, hasher, mac), functools.partial(
@@ -272,7 +254,7 @@ class ChunkStore:
         raises, and ValueError for a buffer too small for the file.
         """
         group = self.layout.group(key_group(key))
-        path = self._path_str(key)
+        path = self.paths.chunk_str(key)
         view = memoryview(buf)
         if view.readonly or not view.c_contiguous:
             raise ValueError("read_into needs a writable, C-contiguous buffer")
@@ -315,7 +297,7 @@ class ChunkStore:
     def quarantine(self, key: bytes, reason: str) -> None:
         """Move a bad file aside so nothing reads it again (best effort)."""
         src = self.path(key)
-        dst = self.paths.quarantine_dir / f"{src.name}.{int(time.time() * 1e6)}"
+        dst = self.paths.quarantine_path(src.name)
         log.warning("hybridkv: quarantining chunk %s: %s", src.name, reason)
         try:
             self.io.makedirs(dst.parent)
@@ -354,28 +336,24 @@ class ChunkStore:
                            parent=bytes.fromhex(header.parent) if header.parent else None,
                            mtime_ns=st.st_mtime_ns)
 
-    def _scan_dir(self, directory: Path) -> list[StoredChunk]:
+    def _scan_leaf(self, leaf: Leaf) -> list[StoredChunk]:
         found = []
-        try:
-            entries = list(os.scandir(directory))
-        except FileNotFoundError:
-            return found
-        for entry in entries:
-            name = entry.name
-            if not name.endswith(CHUNK_SUFFIX) or name.startswith("."):
+        for name in list_names(leaf.path):
+            if not is_chunk_name(name):
                 continue
+            path = os.path.join(leaf.path, name)
             try:
-                key = key_from_hex(name[: -len(CHUNK_SUFFIX)])
-                st = entry.stat()
-                header = self.header_of(Path(entry.path))
+                key = key_of_name(name)
+                st = os.stat(path)
+                header = self.header_of(Path(path))
                 if header.key != key_hex(key) or header.fingerprint != self.fingerprint:
                     raise ChunkCorrupt("header names another chunk or layout")
             except FileNotFoundError:
                 continue  # evicted while we scanned
             except ChunkTooNew as exc:
-                raise ChunkTooNew(f"{entry.path}: {exc}") from exc
+                raise ChunkTooNew(f"{path}: {exc}") from exc
             except (ValueError, ChunkCorrupt, OSError) as exc:
-                log.warning("hybridkv: ignoring %s: %s", entry.path, exc)
+                log.warning("hybridkv: ignoring %s: %s", path, exc)
                 continue
             found.append(ChunkRecord(
                 key=key, group=header.group, position=header.position, size=st.st_size,
@@ -385,69 +363,22 @@ class ChunkStore:
 
     def scan(self, *, workers: int = 8) -> Iterator[StoredChunk]:
         """Every readable chunk of this rank, read from headers (parallel per directory)."""
-        dirs = []
-        for g in self.layout.groups:
-            gdir = self.paths.group_dir(g.index)
-            try:
-                dirs += [Path(e.path) for e in os.scandir(gdir) if e.is_dir()]
-            except FileNotFoundError:
-                continue
-        if not dirs:
+        leaves = self.paths.leaves(g.index for g in self.layout.groups)
+        if not leaves:
             return
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(dirs)))) as pool:
-            for chunks in pool.map(self._scan_dir, dirs):
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(leaves)))) as pool:
+            for chunks in pool.map(self._scan_leaf, leaves):
                 yield from chunks
 
     def clean_temp(self, *, max_age: float = STALE_TMP_SECONDS,
                    skip: Collection[str] = ()) -> int:
-        """Remove temp files left by crashed writers. Returns how many.
-
-        Walks the layout directory, except the directories in ``skip`` (paths as
-        ``os.walk`` joins them: a caller that listed them passes the temp files it
-        found there to ``remove_stale_temp``).
-        """
-        skip = set(skip)
-        found: list[str] = []
-        for dirpath, dirs, files in os.walk(self.paths.layout_dir):
-            if skip:
-                dirs[:] = [d for d in dirs if os.path.join(dirpath, d) not in skip]
-            found += [os.path.join(dirpath, name) for name in files
-                      if name.startswith(".") and name.endswith(TMP_SUFFIX)]
-        return self.remove_stale_temp(found, max_age=max_age)
-
-    def remove_stale_temp(self, paths: Iterable[str], *,
-                          max_age: float = STALE_TMP_SECONDS) -> int:
-        """Remove those of ``paths`` (temp files) whose writer is gone or that are older
-        than ``max_age`` seconds. Returns how many."""
-        removed = 0
-        host = tmp_name_prefix().split(".")[1]
-        now = time.time()
-        for path in paths:
-            parts = os.path.basename(path).split(".")
-            stale = False
-            try:
-                if len(parts) > 2 and parts[1] == host and parts[2].isdigit():
-                    stale = not _pid_alive(int(parts[2]))
-                stale = stale or now - os.stat(path).st_mtime > max_age
-                if stale:
-                    os.unlink(path)
-                    removed += 1
-            except OSError:
-                continue
-        return removed
+        """Remove stale temp files (``file_map.is_stale_temp``) under the layout
+        directory, except in the directories of ``skip`` (a caller that listed them
+        removes what it found there with ``file_map.remove_stale_temp``). Returns how many."""
+        return remove_stale_temp(temp_files(self.paths.layout_dir, skip=skip), max_age=max_age)
 
 
 def _feed(hasher, mac, piece) -> None:
     hasher.update(piece)
     if mac is not None:
         mac.update(piece)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

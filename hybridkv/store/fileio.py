@@ -15,8 +15,20 @@ Invariants:
   with room for the file rounded up to a page to read); otherwise, and for good
   once a filesystem answers EINVAL (tmpfs, overlayfs, some NFS), it uses
   buffered I/O and logs that once. The bytes on disk are the same either way.
-- Every read of file contents first calls ``_before_read(op, path)`` (a no-op
-  hook; fault-injecting subclasses override it).
+- Every byte hybridkv reads or writes goes through a ``FileIO``: chunks, the
+  snapshot, ``layout.json``, the fleet's lease, usage and state files.
+
+Extension points (no-ops here; ``hybridkv.testing.faults.FaultyFileIO``
+overrides them to inject faults, and nothing in ``FileIO`` asks whether they are
+overridden):
+- ``before_read(op, path)`` runs before every read of file contents; ``op`` is
+  ``"read"`` (``read_into``, ``read_all``) or ``"read_prefix"``; ``path`` is the
+  caller's, a ``str`` or a ``Path``.
+- ``before_write(path, fd, size)`` runs once per write, when the temp file of
+  ``path`` is open as ``fd`` and before its ``size`` bytes are written; the
+  writes that follow use absolute offsets from 0 (they extend whatever the hook
+  left). If it raises, the temp file is removed and the error re-raised.
+- ``makedirs(path)`` creates every directory hybridkv creates.
 """
 
 from __future__ import annotations
@@ -24,15 +36,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import socket
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 from hybridkv.store.direct import O_DIRECT, align_up, is_aligned
+from hybridkv.store.file_map import temp_path
 
-__all__ = ["Durability", "FileIO", "IO_MODE_CHOICES", "tmp_name_prefix"]
+__all__ = ["Durability", "FileIO", "IO_MODE_CHOICES"]
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +51,6 @@ Durability = Literal["none", "data", "full"]
 DURABILITY_CHOICES: tuple[str, ...] = ("none", "data", "full")
 IO_MODE_CHOICES: tuple[str, ...] = ("buffered", "direct")
 _IOV_MAX = 1024
-
-_HOST = socket.gethostname().replace(".", "_")[:32]
-_counter = 0
-_counter_lock = threading.Lock()
-
-
-def tmp_name_prefix() -> str:
-    """``.<host>.<pid>.``: identifies the process that owns a temp file."""
-    return f".{_HOST}.{os.getpid()}."
 
 
 class FileIO:
@@ -61,7 +63,6 @@ class FileIO:
         self.dir_mode = dir_mode
         self.io_mode = io_mode
         self.direct_refused = False  # a filesystem answered EINVAL to O_DIRECT
-        self._hooks_reads = type(self)._before_read is not FileIO._before_read
 
     @property
     def io_mode(self) -> str:
@@ -87,27 +88,42 @@ class FileIO:
     def makedirs(self, path: Path) -> None:
         os.makedirs(path, mode=self.dir_mode, exist_ok=True)
 
+    # ------------------------------------------------------------------ extension points
+    def before_read(self, op: str, path: str | os.PathLike) -> None:
+        """Runs before every read of file contents (see the module docstring)."""
+
+    def before_write(self, path: Path, fd: int, size: int) -> None:
+        """Runs when ``path``'s temp file is open, before its bytes are written."""
+
+    # ------------------------------------------------------------------ writes
     def write_atomic(self, path: Path, data: bytes | memoryview | Sequence[memoryview]) -> None:
         """Write ``data`` (one buffer, or buffers in order) to ``path`` atomically."""
+        self._write_whole(path, data, replace=True)
+
+    def write_new(self, path: Path, data: bytes | memoryview) -> None:
+        """Create ``path`` with ``data``, atomically and only if it does not exist:
+        FileExistsError when it does (``link``, which works on NFS)."""
+        self._write_whole(path, data, replace=False)
+
+    def check_writable(self, directory: Path) -> None:
+        """OSError unless an (empty) file can be created in ``directory`` (created)."""
+        self.makedirs(directory)
+        self._atomic(Path(directory) / "probe", lambda fd: None, False, 0, replace=None)
+
+    def _write_whole(self, path: Path, data, *, replace: bool) -> None:
         bufs = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-        direct = self.direct and all(is_aligned(memoryview(b).cast("B")) for b in bufs)
+        views = [memoryview(b).cast("B") for b in bufs]
+        direct = self.direct and all(is_aligned(v) for v in views)
 
         def write(fd: int) -> None:
-            if len(bufs) == 1:
-                self._write_all(fd, memoryview(bufs[0]))
+            if len(views) == 1:
+                self._write_all(fd, views[0])
             else:
-                self._write_buffers(fd, [memoryview(b).cast("B") for b in bufs])
+                self._write_buffers(fd, views)
 
-        if not self._atomic(path, write, direct):
-            self.write_atomic(path, data)  # O_DIRECT refused: once more, buffered
-
-    @property
-    def streams_writes(self) -> bool:
-        """Whether ``write_streamed`` is the plain one (subclasses that hook writes,
-        e.g. fault injection, get ``write_atomic`` calls instead)."""
-        cls = type(self)
-        return (cls.write_atomic is FileIO.write_atomic and cls._write_all is FileIO._write_all
-                and cls._write_buffers is FileIO._write_buffers)
+        size = sum(v.nbytes for v in views)
+        if not self._atomic(path, write, direct, size, replace=replace):
+            self._write_whole(path, data, replace=replace)  # O_DIRECT refused: buffered
 
     def write_streamed(self, path: Path, head_len: int, payload: Sequence[memoryview],
                        before_piece, make_head, slice_bytes: int) -> None:
@@ -130,16 +146,15 @@ class FileIO:
                 raise ValueError(f"head is {len(head)} bytes, {head_len} were reserved")
             self._pwrite_all(fd, head, 0)
 
-        self._atomic(path, write, False)
+        self._atomic(path, write, False, head_len + sum(v.nbytes for v in payload))
 
-    def _atomic(self, path: Path, write, direct: bool) -> bool:
-        """Temp file, ``write(fd)``, optional fsync, rename. False (nothing left behind)
-        when O_DIRECT was refused with EINVAL, so the caller retries buffered."""
-        global _counter
-        with _counter_lock:
-            _counter += 1
-            n = _counter
-        tmp = path.with_name(f"{tmp_name_prefix()}{n}.{path.name}.tmp")
+    def _atomic(self, path: Path, write, direct: bool, size: int,
+                replace: bool | None = True) -> bool:
+        """Temp file, ``before_write``, ``write(fd)``, optional fsync, then rename over
+        ``path`` (``replace``), link to it (``replace=False``: FileExistsError if it
+        exists) or nothing (None: a probe). False (nothing left behind) when O_DIRECT
+        was refused with EINVAL, so the caller retries buffered."""
+        tmp = temp_path(path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (O_DIRECT if direct else 0)
         try:
             fd = os.open(tmp, flags, self.file_mode)
@@ -153,22 +168,25 @@ class FileIO:
             return False
         try:
             try:
+                self.before_write(path, fd, size)
                 write(fd)
                 if self.durability != "none":
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
+            if replace:
+                os.replace(tmp, path)
+            elif replace is not None:
+                os.link(tmp, path)  # atomic; FileExistsError if the file exists
         except BaseException as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _unlink(tmp)
             if direct and isinstance(exc, OSError) and exc.errno == errno.EINVAL:
                 self._refuse_direct(path, exc)
                 return False
             raise
-        if self.durability == "full":
+        if not replace:
+            _unlink(tmp)  # linked, or a probe: the temp name goes
+        if self.durability == "full" and replace is not None:
             self.fsync_dir(path.parent)
         return True
 
@@ -205,9 +223,6 @@ class FileIO:
         finally:
             os.close(fd)
 
-    def _before_read(self, op: str, path: Path) -> None:
-        """Hook called before every read of file contents (fault injection overrides it)."""
-
     def read_into(self, path: Path, buf: memoryview, consume=None,
                   slice_bytes: int = 0) -> tuple[int, int]:
         """Read the whole file at ``path`` into the start of ``buf`` (flat bytes).
@@ -219,8 +234,7 @@ class FileIO:
         reads then go in ``slice_bytes`` pieces, so the consumer sees them in cache.
         O_DIRECT reads stay one request (device queue depth matters more there).
         """
-        if self._hooks_reads:  # pathlib costs more than a small chunk's read: only for hooks
-            self._before_read("read", Path(path))
+        self.before_read("read", path)
         direct = self.direct and len(buf) % 4096 == 0 and is_aligned(buf[:4096])
         try:
             fd = os.open(path, os.O_RDONLY | (O_DIRECT if direct else 0))
@@ -259,9 +273,19 @@ class FileIO:
 
     def read_all(self, path: Path) -> bytes:
         """The whole file. Raises FileNotFoundError when it is gone."""
+        self.before_read("read", path)
         with open(path, "rb", buffering=0) as f:
             return f.read()
 
     def read_prefix(self, path: Path, size: int) -> bytes:
+        """The first ``size`` bytes of the file (fewer if it is shorter)."""
+        self.before_read("read_prefix", path)
         with open(path, "rb", buffering=0) as f:
             return f.read(size)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

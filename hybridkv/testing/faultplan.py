@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridkv.store.format import FORMAT_VERSION, read_header
-from hybridkv.store.paths import CHUNK_SUFFIX, TMP_SUFFIX
+from hybridkv.store.file_map import CHUNK_SUFFIX, TMP_SUFFIX
 
 __all__ = ["FaultPlan", "chunk_files", "rewrite_header"]
 

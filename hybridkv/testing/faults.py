@@ -25,17 +25,21 @@ Each rule (all fields optional except ``op``)::
      "path": "substring",                   only paths containing this
      "skip": 0,                              let the first N matching calls pass
      "count": 3,                             fire at most N times (per process)
-     "partial": true,                        write: put half the bytes in the temp
-                                             file before failing / delaying
+     "partial": true,                        write: the temp file holds half the
+                                             file's size while delaying / failing
      "delay": 2.0,                           sleep this long (then fail if errno)
      "vanish": true}                         read: delete the file first (as if
                                              another engine evicted it)
 
-``op`` names the ``FileIO`` call: ``write`` = ``write_atomic`` (chunk and
-layout files), ``read`` = ``read_all`` (chunk loads, in the worker),
-``read_prefix`` = header reads (scan, refresh, store completion, in the
-manager), ``makedirs``. Counters of fired faults are per process and restart
-from zero whenever the rules file changes.
+``op`` names the ``FileIO`` extension point (``hybridkv.store.fileio``):
+``write`` = every file written (``before_write``: chunks, ``layout.json``, the
+index snapshot, the fleet's lease, usage and state files, the start-up write
+probe), ``read`` = every whole-file read (chunk loads in the worker,
+``layout.json``, snapshot and fleet files), ``read_prefix`` = header reads
+(scan, refresh, store completion, in the manager), ``makedirs``. ``path``
+matches the final path (``"path": "lease.json"``), never the temp file's.
+Counters of fired faults are per process and restart from zero whenever the
+rules file changes.
 """
 
 from __future__ import annotations
@@ -134,7 +138,6 @@ class FaultyFileIO(FileIO):
         self._rules_file = Path(rules_file) if rules_file else None
         self._rules_stamp: tuple[int, int] | None = None
         self._lock = threading.Lock()
-        self._local = threading.local()
 
     # ------------------------------------------------------------------ rules
     def _current_rules(self) -> list[FaultRule]:
@@ -170,7 +173,7 @@ class FaultyFileIO(FileIO):
         if rule.err is not None:
             raise OSError(rule.err, os.strerror(rule.err), str(path))
 
-    # ------------------------------------------------------------------ FileIO
+    # ------------------------------------------------------------------ FileIO hooks
     def makedirs(self, path: Path) -> None:
         rule = self._fire("makedirs", Path(path))
         if rule is not None:
@@ -178,43 +181,18 @@ class FaultyFileIO(FileIO):
             self._raise(rule, Path(path))
         super().makedirs(path)
 
-    def write_atomic(self, path: Path, data) -> None:
+    def before_write(self, path: Path, fd: int, size: int) -> None:
         path = Path(path)
         rule = self._fire("write", path)
         if rule is None:
-            return super().write_atomic(path, data)
-        # one buffer, so that "partial" means half of the file
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            data = b"".join(bytes(memoryview(buf).cast("B")) for buf in data)
-        self._local.fault = (rule, path)
-        try:
-            super().write_atomic(path, data)
-        finally:
-            self._local.fault = None
+            return
+        if rule.partial:  # the temp file holds half the file while we wait or fail
+            os.ftruncate(fd, size // 2)
+        time.sleep(rule.delay)
+        self._raise(rule, path)
 
-    def _write_all(self, fd: int, view: memoryview) -> None:
-        fault = getattr(self._local, "fault", None)
-        if fault is not None:
-            rule, path = fault
-            self._local.fault = None
-            view = view.cast("B")
-            if rule.partial:
-                half = len(view) // 2
-                super()._write_all(fd, view[:half])
-                view = view[half:]
-            time.sleep(rule.delay)
-            self._raise(rule, path)
-        super()._write_all(fd, view)
-
-    def read_all(self, path: Path) -> bytearray:
-        self._before_read("read", Path(path))
-        return super().read_all(path)
-
-    def read_prefix(self, path: Path, size: int) -> bytes:
-        self._before_read("read_prefix", Path(path))
-        return super().read_prefix(path, size)
-
-    def _before_read(self, op: str, path: Path) -> None:
+    def before_read(self, op: str, path) -> None:
+        path = Path(path)
         rule = self._fire(op, path)
         if rule is None:
             return

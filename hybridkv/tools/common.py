@@ -14,7 +14,6 @@ Invariants:
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -22,31 +21,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import msgspec
-
 from hybridkv.groups import HybridLayout
-from hybridkv.store.chunk_store import STALE_TMP_SECONDS, ChunkStore
-from hybridkv.store.fileio import tmp_name_prefix
-from hybridkv.store.format import FORMAT_VERSION
-from hybridkv.store.paths import CHUNK_SUFFIX, TMP_SUFFIX
+from hybridkv.store.chunk_store import ChunkStore
+from hybridkv.store.file_map import (
+    LAYOUT_NAME,
+    STALE_TMP_SECONDS,
+    FileMap,
+    LayoutFileInvalid,
+    is_chunk_name,
+    is_stale_temp,
+    list_names,
+    read_layout_file,
+)
+from hybridkv.store.file_map import temp_files as _temp_files
+from hybridkv.store.fileio import FileIO
+from hybridkv.store.format import ChunkTooNew
 
 __all__ = ["ToolError", "LayoutDir", "layout_dirs", "chunk_files", "temp_files", "is_stale_temp",
            "quarantined_files", "progress", "human_bytes", "parse_budget", "STALE_TMP_SECONDS"]
 
 T = TypeVar("T")
 
-_RANK_RE = re.compile(r"^r(\d+)$")
-_GROUP_RE = re.compile(r"^g(\d+)$")
-
 
 class ToolError(Exception):
     """Bad argument or directory: the message is the one line the user sees."""
-
-
-class _LayoutFile(msgspec.Struct):
-    format_version: int
-    fingerprint: str
-    layout: HybridLayout
 
 
 @dataclass(frozen=True)
@@ -61,14 +59,13 @@ class LayoutDir:
     def fingerprint(self) -> str:
         return self.path.name
 
+    @property
+    def files(self) -> FileMap:
+        return FileMap(self.cache_dir, self.fingerprint)
+
     def ranks(self) -> list[int]:
         """Worker ranks with a directory ``r<rank>/``, ascending."""
-        found = []
-        for entry in _scandir(self.path):
-            m = _RANK_RE.match(entry.name)
-            if m and entry.is_dir():
-                found.append(int(m.group(1)))
-        return sorted(found)
+        return self.files.ranks()
 
     def store(self, rank: int) -> ChunkStore:
         return ChunkStore(self.cache_dir, self.layout, rank=rank)
@@ -82,34 +79,23 @@ def check_cache_dir(cache_dir: str | os.PathLike) -> Path:
         raise ToolError(f"--cache-dir {os.fspath(cache_dir)}: not a directory")
     if not os.access(root, os.R_OK | os.X_OK):
         raise ToolError(f"--cache-dir {os.fspath(cache_dir)}: permission denied")
-    if (root / "layout.json").is_file():
+    if (root / LAYOUT_NAME).is_file():
         raise ToolError(f"--cache-dir {os.fspath(cache_dir)} is a layout directory; pass its "
                         f"parent {os.fspath(root.parent)}")
     return root
 
 
-def read_layout(path: Path) -> HybridLayout:
+def read_layout(path: Path, io: FileIO | None = None) -> HybridLayout:
     """The layout of ``path/layout.json``; ``ToolError`` naming the file when unusable."""
-    file = path / "layout.json"
+    file = path / LAYOUT_NAME
     try:
-        raw = file.read_bytes()
+        return read_layout_file(io or FileIO(), file).layout
+    except ChunkTooNew as exc:
+        raise ToolError(f"{exc}; upgrade hybridkv") from None
+    except LayoutFileInvalid as exc:
+        raise ToolError(str(exc)) from None
     except OSError as exc:
         raise ToolError(f"{file}: cannot read: {exc.strerror or exc}") from None
-    try:
-        version = msgspec.json.decode(raw).get("format_version")
-    except (msgspec.DecodeError, AttributeError):
-        version = None
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise ToolError(f"{file}: chunk format version {version} is newer than this hybridkv "
-                        f"reads ({FORMAT_VERSION}); upgrade hybridkv")
-    try:
-        doc = msgspec.json.decode(raw, type=_LayoutFile)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-        raise ToolError(f"{file}: not a hybridkv layout file: {exc}") from None
-    if doc.layout.fingerprint != path.name or doc.fingerprint != path.name:
-        raise ToolError(f"{file}: its layout hashes to {doc.layout.fingerprint}, not to the "
-                        f"directory name {path.name}")
-    return doc.layout
 
 
 def layout_dirs(cache_dir: str | os.PathLike, fingerprints: Iterable[str] = ()) -> list[LayoutDir]:
@@ -117,7 +103,7 @@ def layout_dirs(cache_dir: str | os.PathLike, fingerprints: Iterable[str] = ()) 
     root = check_cache_dir(cache_dir)
     wanted = list(fingerprints)
     paths = [Path(e.path) for e in sorted(_scandir(root), key=lambda e: e.name)
-             if e.is_dir() and (Path(e.path) / "layout.json").is_file()]
+             if e.is_dir() and (Path(e.path) / LAYOUT_NAME).is_file()]
     names = {p.name for p in paths}
     for fp in wanted:
         if fp not in names:
@@ -148,50 +134,19 @@ class ChunkFile:
 
 def chunk_files(store: ChunkStore) -> list[ChunkFile]:
     """Every chunk-named file under ``r<rank>/g*/<hh>/`` (also groups the layout lacks)."""
-    out: list[ChunkFile] = []
-    for gentry in _scandir(store.paths.rank_dir()):
-        m = _GROUP_RE.match(gentry.name)
-        if not (m and gentry.is_dir()):
-            continue
-        for leaf in _scandir(Path(gentry.path)):
-            if not leaf.is_dir():
-                continue
-            for f in _scandir(Path(leaf.path)):
-                if f.name.endswith(CHUNK_SUFFIX) and not f.name.startswith("."):
-                    out.append(ChunkFile(f.path, int(m.group(1))))
-    return out
+    return [ChunkFile(os.path.join(leaf.path, name), leaf.group)
+            for leaf in store.paths.leaves() for name in list_names(leaf.path)
+            if is_chunk_name(name)]
 
 
 def temp_files(layout_dir: Path) -> list[str]:
-    """Temp files (``.<host>.<pid>.<n>.<name>.tmp``) anywhere under a layout directory."""
-    found = []
-    for dirpath, _dirs, files in os.walk(layout_dir):
-        found += [os.path.join(dirpath, n) for n in files
-                  if n.startswith(".") and n.endswith(TMP_SUFFIX)]
-    return found
-
-
-def is_stale_temp(path: str, *, max_age: float = STALE_TMP_SECONDS,
-                  now: float | None = None) -> bool:
-    """What ``ChunkStore.remove_stale_temp`` would remove: its writer (on this host) is
-    gone, or it is older than ``max_age`` seconds. Reads only."""
-    parts = os.path.basename(path).split(".")
-    host = tmp_name_prefix().split(".")[1]
-    try:
-        if len(parts) > 2 and parts[1] == host and parts[2].isdigit():
-            try:
-                os.kill(int(parts[2]), 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                pass
-        return (time.time() if now is None else now) - os.stat(path).st_mtime > max_age
-    except OSError:
-        return False
+    """Temp files (``file_map.temp_path``) anywhere under a layout directory."""
+    return _temp_files(layout_dir)
 
 
 def quarantined_files(layout_dir: Path) -> list[os.DirEntry]:
-    return [e for e in _scandir(layout_dir / "quarantine") if e.is_file(follow_symlinks=False)]
+    quarantine = FileMap(layout_dir.parent, layout_dir.name).quarantine_dir
+    return [e for e in _scandir(quarantine) if e.is_file(follow_symlinks=False)]
 
 
 def progress(items: Iterable[T], *, total: int | None, desc: str, enabled: bool) -> Iterator[T]:
@@ -249,7 +204,6 @@ def read_records(store: ChunkStore, *, show_progress: bool) -> Records:
     """The chunks of ``store``'s rank, fast: the index snapshot checked against a listing
     of the directories (``snapshot.restore``) when there is a valid one, else every
     chunk header, read in parallel (``ChunkStore.scan``). Changes nothing on disk."""
-    from hybridkv.store.format import ChunkTooNew
     from hybridkv.store.snapshot import SnapshotInvalid, read_snapshot, restore
 
     snap_path = store.paths.snapshot()

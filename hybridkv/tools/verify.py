@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hybridkv.keys import key_from_hex, key_group
+from hybridkv.keys import key_group
 from hybridkv.store.chunk_store import ChunkStore
+from hybridkv.store.file_map import key_of_name
 from hybridkv.store.format import ChunkCorrupt, ChunkMissing, ChunkTooNew, ChunkUnreadable
-from hybridkv.store.paths import CHUNK_SUFFIX
 from hybridkv.tools.common import (
     ChunkFile,
     LayoutDir,
@@ -78,7 +77,7 @@ def _check(store: _CheckingStore, f: ChunkFile) -> tuple[str, str, int, bool]:
     by_path: a bad file ``ChunkStore.quarantine`` cannot move (it works by key)."""
     name = os.path.basename(f.path)
     try:
-        key = key_from_hex(name[: -len(CHUNK_SUFFIX)])
+        key = key_of_name(name)
     except ValueError:
         return "bad", "file name is not a chunk key", 0, True
     if key_group(key) != f.group or os.fspath(store.path(key)) != f.path:
@@ -107,7 +106,7 @@ def _bounded_map(pool: ThreadPoolExecutor, fn, items: list, batch: int = 4096):
 
 def _move_aside(ld: LayoutDir, path: str) -> None:
     """Quarantine a file that has no key (``ChunkStore.quarantine`` needs one)."""
-    dst = ld.path / "quarantine" / f"{os.path.basename(path)}.{int(time.time() * 1e6)}"
+    dst = ld.files.quarantine_path(os.path.basename(path))
     os.makedirs(dst.parent, mode=0o700, exist_ok=True)
     os.replace(path, dst)
 

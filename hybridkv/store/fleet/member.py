@@ -1,11 +1,8 @@
-"""Fleet budget: one ``disk_budget`` for every engine sharing a layout directory.
+"""Fleet budget accounting: one ``disk_budget`` for every engine sharing a layout directory.
 
-Engines coordinate through small files only (atomic rename; ``link`` to create
-the lease), never ``flock``, so it works on NFS and Lustre::
-
-    <layout_dir>/fleet/lease.json          who evicts for the fleet, and until when
-    <layout_dir>/fleet/state.json          the holder's accounting: base bytes, baselines
-    <layout_dir>/fleet/members/<id>.json   one member's usage (heartbeat, admitted, grant)
+Engines coordinate through small files only (``hybridkv.store.fleet.files``:
+atomic rename; ``link`` to create the lease), never ``flock``, so it works on
+NFS and Lustre.
 
 Accounting. The fleet's usage is ``U = base + sum_m (admitted_m - baseline_m +
 grant_m)``: ``base`` is what the lease holder counted at its last sync (the
@@ -31,6 +28,9 @@ Invariants:
   holder) evict more than needed, and a deleted file is a miss for everyone.
 - A member whose heartbeat is older than ``usage_ttl`` is dead: its files are
   counted by the next listing, and the holder removes its usage file then.
+- A usage file that cannot be written is logged, never raised: the member then
+  claims no grant (it admits nothing it has not published) and retries at the
+  next poll; everything it did publish stays counted.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import enum
 import logging
 import os
 import secrets
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,19 +46,16 @@ from pathlib import Path
 
 import msgspec
 
-from hybridkv.chunks import ChunkRecord
-from hybridkv.keys import key_from_hex
+from hybridkv.store.file_map import HOST
 from hybridkv.store.fileio import FileIO
-from hybridkv.store.format import ChunkError
-from hybridkv.store.paths import CHUNK_SUFFIX
+from hybridkv.store.fleet.files import FleetFiles, read_record
+from hybridkv.store.fleet.lease import Lease
 
-__all__ = ["FleetAction", "FleetMember", "UsageSnapshot", "Lease", "LeaseRecord", "Usage", "FleetState", "sync_index",
-           "list_keys", "apply_listing",
-           "FLEET_DIR", "DEFAULT_INTERVAL", "DEFAULT_LEASE_TTL", "GRANT_CAP"]
+__all__ = ["FleetAction", "FleetMember", "FleetState", "Usage", "UsageSnapshot",
+           "DEFAULT_INTERVAL", "DEFAULT_LEASE_TTL", "GRANT_CAP"]
 
 log = logging.getLogger(__name__)
 
-FLEET_DIR = "fleet"
 #: seconds between full syncs (directory listings) while other members are alive
 DEFAULT_INTERVAL = 5.0
 #: seconds a lease lasts without renewal; a member silent for 2x this is dead
@@ -67,20 +63,12 @@ DEFAULT_LEASE_TTL = 15.0
 #: largest grant a member claims at once (bounds the allowance on large budgets)
 GRANT_CAP = 64 * 2**20
 
-_HOST = socket.gethostname().replace(".", "_")[:32]
-
 
 class FleetAction(enum.Enum):
     """What ``FleetMember.poll`` asks the holder to do now (None: nothing is due)."""
 
     SYNC = "sync"  # list the directory, then evict
     EVICT = "evict"  # a member asks for room, or usage is over the budget
-
-
-class LeaseRecord(msgspec.Struct, kw_only=True):
-    owner: str
-    token: str
-    expires: float  # wall-clock seconds
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -102,160 +90,8 @@ class FleetState(msgspec.Struct, kw_only=True):
     baselines: dict[str, int] = {}
 
 
-_lease_dec = msgspec.json.Decoder(LeaseRecord)
 _usage_dec = msgspec.json.Decoder(Usage)
 _state_dec = msgspec.json.Decoder(FleetState)
-
-
-def _read(path: Path, decoder):
-    try:
-        return decoder.decode(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-        log.warning("hybridkv fleet: ignoring unreadable %s: %s", path, exc)
-        return None
-
-
-class Lease:
-    """The right to evict for the fleet: ``lease.json`` names one owner until ``expires``.
-
-    Created atomically with content (temp file + ``link``, which fails if the
-    lease exists); renewed by its owner (rename over) while it still has
-    ``margin`` seconds left; taken over once expired by renaming it aside (only
-    one renamer wins) and creating a fresh one. Assumes clocks agree within
-    ``margin`` (NTP); if they do not, two holders may evict at once (harmless).
-    """
-
-    def __init__(self, path: Path, owner: str, ttl: float, *, io: FileIO,
-                 clock: Callable[[], float] = time.time):
-        if ttl <= 0:
-            raise ValueError(f"lease ttl must be positive, got {ttl}")
-        self.path = path
-        self.owner = owner
-        self.ttl = ttl
-        self.margin = ttl / 5
-        self.io = io
-        self.clock = clock
-        self._token: str | None = None
-        self._last_token: str | None = None
-        self._expires = 0.0
-
-    def holds(self) -> bool:
-        """True while this owner's lease has more than ``margin`` seconds left."""
-        return self._token is not None and self.clock() < self._expires - self.margin
-
-    def read(self) -> LeaseRecord | None:
-        return _read(self.path, _lease_dec)
-
-    def acquire(self) -> bool:
-        """Hold the lease after this call? Renews our own, takes an expired one."""
-        now = self.clock()
-        if self.holds():
-            if now > self._expires - self.ttl * 2 / 3:
-                return self._renew()
-            return True
-        if self._token is not None:
-            self._last_token = self._token
-        self._token = None
-        current = self.read()
-        if current is None:
-            if self.path.exists() and not self._stale_garbage(now):
-                return False  # unreadable and fresh: someone is writing it; wait
-            if self.path.exists():
-                self._take(None)
-            return self._create()
-        if now <= current.expires:
-            return False
-        return self._take(current) and self._create()
-
-    def release(self) -> None:
-        """Give the lease up (clean shutdown): the next member need not wait for expiry."""
-        mine = self._token or self._last_token  # ours, even if too close to expiry to use
-        if mine is not None:
-            current = self.read()
-            if current is not None and current.token == mine:
-                try:
-                    os.unlink(self.path)
-                except OSError:
-                    pass
-        self._token = self._last_token = None
-
-    # ------------------------------------------------------------------ internals
-    def _record(self, token: str) -> bytes:
-        return msgspec.json.encode(LeaseRecord(owner=self.owner, token=token,
-                                               expires=self.clock() + self.ttl))
-
-    def _create(self) -> bool:
-        token = secrets.token_hex(8)
-        tmp = self.path.with_name(f".{self.owner}.{token}.lease.tmp")
-        body = self._record(token)
-        try:
-            self.io.makedirs(self.path.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.io.file_mode)
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-            os.link(tmp, self.path)  # atomic; fails if another member created it first
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            log.warning("hybridkv fleet: cannot create lease %s: %s", self.path, exc)
-            return False
-        finally:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        self._token = token
-        self._expires = msgspec.json.decode(body)["expires"]
-        return True
-
-    def _renew(self) -> bool:
-        current = self.read()
-        if current is None or current.token != self._token:
-            self._token = None  # taken over while we were away
-            return False
-        body = self._record(self._token)
-        try:
-            self.io.write_atomic(self.path, body)
-        except OSError as exc:
-            log.warning("hybridkv fleet: cannot renew lease %s: %s", self.path, exc)
-            return self.holds()
-        self._expires = msgspec.json.decode(body)["expires"]
-        return True
-
-    def _take(self, seen: LeaseRecord | None) -> bool:
-        """Move an expired lease aside; False if it was renewed meanwhile (put back)."""
-        aside = self.path.with_name(f".{self.owner}.{secrets.token_hex(4)}.lease.taken")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return True  # another member moved it first; race on creation instead
-        except OSError as exc:
-            log.warning("hybridkv fleet: cannot take over lease %s: %s", self.path, exc)
-            return False
-        moved = _read(aside, _lease_dec)
-        fresh = seen is not None and (moved is None or moved.token != seen.token
-                                      or moved.expires != seen.expires)
-        if fresh:  # renewed between our read and the rename: give it back
-            try:
-                os.link(aside, self.path)
-            except OSError:
-                pass
-        try:
-            os.unlink(aside)
-        except OSError:
-            pass
-        if not fresh:
-            log.info("hybridkv fleet: took over expired lease of %s",
-                     seen.owner if seen else "an unreadable lease")
-        return not fresh
-
-    def _stale_garbage(self, now: float) -> bool:
-        try:
-            return now - self.path.stat().st_mtime > self.ttl
-        except OSError:
-            return True
 
 
 @dataclass
@@ -287,18 +123,19 @@ class FleetMember:
                  clock: Callable[[], float] = time.time):
         if budget <= 0:
             raise ValueError(f"fleet budget must be positive, got {budget}")
-        self.dir = Path(layout_dir) / FLEET_DIR
-        self.members_dir = self.dir / "members"
-        self.state_path = self.dir / "state.json"
+        self.files = FleetFiles(layout_dir)
+        self.dir = self.files.dir
+        self.members_dir = self.files.members
+        self.state_path = self.files.state
         self.budget = budget
         self.interval = interval
         self.usage_ttl = 2 * lease_ttl
         self.poll_s = min(0.5, interval / 4, lease_ttl / 6)
         self.clock = clock
         self.io = io or FileIO()
-        self.member_id = member_id or f"{_HOST}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.usage_path = self.members_dir / f"{self.member_id}.json"
-        self.lease = Lease(self.dir / "lease.json", self.member_id, lease_ttl,
+        self.member_id = member_id or f"{HOST}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.usage_path = self.files.usage(self.member_id)
+        self.lease = Lease(self.files.lease, self.member_id, lease_ttl,
                            io=self.io, clock=clock)
         self.io.makedirs(self.members_dir)
         self._initial = initial_bytes  # base until a holder has published a state
@@ -307,6 +144,7 @@ class FleetMember:
         self.grant = 0
         self.demand = 0
         self._published = 0.0
+        self._publish_failed = False
         self._next_poll = 0.0
         self._blocked_until = 0.0
         self._dirty = False
@@ -318,37 +156,41 @@ class FleetMember:
         self.publish()
 
     # ------------------------------------------------------------------ usage files
-    def publish(self) -> None:
+    def publish(self) -> bool:
+        """Write our usage file now. False (logged once per failing stretch; the
+        figures stay due) when it cannot be written."""
         now = self.clock()
         body = msgspec.json.encode(Usage(
-            member=self.member_id, host=_HOST, pid=os.getpid(), heartbeat=now,
+            member=self.member_id, host=HOST, pid=os.getpid(), heartbeat=now,
             admitted=self.admitted, inflight=self.inflight, grant=self.grant,
             demand=self.demand))
         try:
-            self.io.write_atomic(self.usage_path, body)
-        except FileNotFoundError:
-            self.io.makedirs(self.members_dir)
-            self.io.write_atomic(self.usage_path, body)
+            self.io.write_atomic(self.usage_path, body)  # creates members/ if it went
+        except OSError as exc:
+            self._dirty = True
+            if not self._publish_failed:
+                self._publish_failed = True
+                log.warning("hybridkv fleet: cannot write %s: %s; claiming no room until "
+                            "it can be written", self.usage_path, exc)
+            return False
+        if self._publish_failed:
+            self._publish_failed = False
+            log.info("hybridkv fleet: %s written again", self.usage_path)
         self._published = now
         self._dirty = False
+        return True
 
     def read_members(self) -> dict[str, Usage]:
         """Every member's published usage (ours included, as published)."""
         found: dict[str, Usage] = {}
-        try:
-            entries = list(os.scandir(self.members_dir))
-        except FileNotFoundError:
-            return found
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.name.endswith(".json"):
-                continue
-            usage = _read(Path(entry.path), _usage_dec)
+        for path in self.files.usage_files():
+            usage = read_record(self.io, path, _usage_dec)
             if usage is not None:
                 found[usage.member] = usage
         return found
 
     def read_state(self) -> FleetState | None:
-        return _read(self.state_path, _state_dec)
+        return read_record(self.io, self.state_path, _state_dec)
 
     def usage(self, members: dict[str, Usage] | None = None,
               state: FleetState | None = None) -> int:
@@ -408,7 +250,9 @@ class FleetMember:
             asks.append(need)
         for ask in asks:
             self.grant += ask
-            self.publish()
+            if not self.publish():  # a grant nobody can see is no grant
+                self.grant -= ask
+                return False
             if self.usage() <= self.budget:
                 return True
             self.grant -= ask
@@ -503,7 +347,7 @@ class FleetMember:
         for member, u in snapshot.members.items():
             if member != self.member_id and now - u.heartbeat > self.usage_ttl:
                 try:
-                    os.unlink(self.members_dir / f"{member}.json")
+                    os.unlink(self.files.usage(member))
                 except OSError:
                     pass
                 continue
@@ -542,71 +386,4 @@ class FleetMember:
         self.lease.release()
         self.grant = 0
         self.demand = 0
-        try:
-            self.publish()
-        except OSError:
-            pass
-
-
-def list_keys(store) -> set[bytes]:
-    """Keys of every chunk file of ``store``'s rank, from directory listings only.
-
-    Lists the leaf directories ``r<rank>/g<group>/<hh>/``; reads no file and touches
-    no index, so it may run in a background thread (the listing is the slow part:
-    about 14 us per file on a local disk, more on NFS).
-    """
-    seen: set[bytes] = set()
-    for group in store.layout.groups:
-        gdir = store.paths.group_dir(group.index)
-        try:
-            leaves = [e.path for e in os.scandir(gdir) if e.is_dir()]
-        except FileNotFoundError:
-            continue
-        for leaf in leaves:
-            try:
-                names = os.listdir(leaf)
-            except FileNotFoundError:
-                continue
-            for name in names:
-                if name.startswith(".") or not name.endswith(CHUNK_SUFFIX):
-                    continue
-                try:
-                    seen.add(key_from_hex(name[: -len(CHUNK_SUFFIX)]))
-                except ValueError:
-                    continue
-    return seen
-
-
-def apply_listing(store, index, seen: set[bytes], *,
-                  remove: Callable[[list[bytes]], object] | None = None) -> tuple[int, int]:
-    """Bring ``index`` up to date with a listing (``list_keys``) of ``store``.
-
-    Names the index does not know are described (header + stat) and loaded;
-    stored entries not listed whose file is gone now are removed (an entry added
-    after the listing still has its file; pinned entries are left for their load
-    to fail closed). Keys being stored by this process (pending) are left alone.
-    ``remove`` (e.g. the capacity layer's, which also reclaims the orphans a vanished
-    chunk leaves) replaces ``index.remove``. Returns (added, vanished).
-    """
-    new: list[ChunkRecord] = []
-    for key in seen:
-        if key in index or index.get_any(key) is not None:
-            continue
-        try:
-            new.append(store.describe(key))
-        except (OSError, ValueError, ChunkError) as exc:
-            log.debug("hybridkv fleet: skipping %s: %s", key.hex(), exc)
-    added = index.load(new)
-    gone = [e.key for e in list(index)
-            if e.key not in seen and not e.pins and not store.path(e.key).exists()]
-    if remove is not None:
-        remove(gone)
-    else:
-        for key in gone:
-            index.remove(key)
-    return added, len(gone)
-
-
-def sync_index(store, index) -> tuple[int, int]:
-    """``apply_listing(store, index, list_keys(store))``: list, then update the index."""
-    return apply_listing(store, index, list_keys(store))
+        self.publish()
