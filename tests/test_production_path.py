@@ -155,28 +155,48 @@ def test_production_code_names_only_documented_environment_variables():
 
 @pytest.mark.fast
 def test_hybridkv_faults_does_nothing_to_a_production_store(tmp_path, monkeypatch):
-    """The variable that used to switch faults on in every engine is now inert."""
+    """The variable that used to switch faults on in every engine is now inert: under it a
+    store writes and reads back its chunk, and leaves the same files, byte for byte, as a
+    store without it."""
     from types import SimpleNamespace
 
     import numpy as np
 
     from hybridkv.config import HybridKVConfig
     from hybridkv.groups import GroupKind, GroupSpec, HybridLayout
-    from hybridkv.keys import make_key
+    from hybridkv.keys import key_hex, make_key
     from hybridkv.store.fileio import FileIO
     from hybridkv.vllm.spec import HybridKVSpec
 
-    every_call_fails = json.dumps([{"op": "*", "errno": "EIO"}])
-    monkeypatch.setenv("HYBRIDKV_FAULTS", every_call_fails)
     layout = HybridLayout(model="prod", dtype="bfloat16", groups=(
         GroupSpec(index=0, kind=GroupKind.FULL, block_tokens=16, chunk_tokens=16,
                   layer_names=("l0",), page_bytes=64),))
-    stub = SimpleNamespace(hkv_config=HybridKVConfig.from_extra_config(
-        {"cache_dir": str(tmp_path)}), layout=layout)
-    stub._file_io = lambda: HybridKVSpec._file_io(stub)
-    store = HybridKVSpec._store(stub, 0)  # makedirs + write probe would fail under the rule
-    assert type(store.io) is FileIO
     key = make_key(b"p" * 16, 0)
     page = np.arange(64, dtype=np.uint8).reshape(1, 64)
-    assert store.write(key, position=16, block_offset=0, arrays=[page]) > 0
-    assert store.read(key) is not None
+
+    def store_in(root):
+        stub = SimpleNamespace(hkv_config=HybridKVConfig.from_extra_config(
+            {"cache_dir": str(root)}), layout=layout)
+        stub._file_io = lambda: HybridKVSpec._file_io(stub)
+        return HybridKVSpec._store(stub, 0)  # makedirs + write probe would fail under the rule
+
+    def files(root) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    monkeypatch.delenv("HYBRIDKV_FAULTS", raising=False)
+    plain = store_in(tmp_path / "plain")
+    plain_written = plain.write(key, position=16, block_offset=0, arrays=[page])
+
+    every_call_fails = json.dumps([{"op": "*", "errno": "EIO"}])
+    monkeypatch.setenv("HYBRIDKV_FAULTS", every_call_fails)
+    store = store_in(tmp_path / "faults")
+    assert type(store.io) is FileIO
+    assert store.write(key, position=16, block_offset=0, arrays=[page]) == plain_written > 0
+    header, arrays = store.read(key)
+    assert (header.key, header.group, header.position, header.num_blocks) == (
+        key_hex(key), 0, 16, 1)
+    assert [a.tobytes() for a in arrays] == [page.tobytes()]
+    chunk = str(store.path(key).relative_to(tmp_path / "faults"))
+    assert chunk in files(tmp_path / "faults")
+    # nothing else was created, moved or changed: no fault log, no quarantine, same bytes
+    assert files(tmp_path / "faults") == files(tmp_path / "plain")
