@@ -807,3 +807,107 @@ def test_worker_reports_failures_without_tripping_vllm(tmp_path):
         "bytes of a chunk that failed verification reached the KV cache"
     assert worker.counters.get("load_failures_ChunkCorrupt") == 1
     worker.shutdown()
+
+
+# ------------------------------------------------------------ lease, usage and layout files
+def _member(tmp_path, io, clock, budget=10_000):
+    from hybridkv.store.fleet import FleetMember
+
+    return FleetMember(tmp_path / "layout", budget, interval=5.0, lease_ttl=10.0,
+                       member_id="m", io=io, clock=clock)
+
+
+@pytest.mark.fast
+def test_lease_file_write_failure_leaves_the_engine_serving_not_holding(tmp_path):
+    """The lease is written through FileIO: a fault on it means not the holder, no crash."""
+    from hybridkv.store.fleet import FleetAction
+
+    now = [1000.0]
+    io = FaultyFileIO(parse_rules([{"op": "write", "errno": "EIO", "path": "lease.json"}]))
+    member = _member(tmp_path, io, lambda: now[0])
+    assert member.poll(force=True) is None and not member.holder
+    assert not member.lease.path.exists()
+    assert member.admit(100)  # admission needs the usage file only: still serving
+    assert member.read_members()["m"].grant > 0
+    io._rules = []
+    now[0] += 1
+    assert member.poll(force=True) is FleetAction.SYNC and member.holder
+    assert temp_files(tmp_path) == []  # the failed creations left no temp file
+
+
+@pytest.mark.fast
+def test_usage_file_write_failure_is_logged_and_admits_nothing_unpublished(tmp_path, caplog):
+    now = [1000.0]
+    io = FaultyFileIO(parse_rules([{"op": "write", "errno": "ENOSPC", "path": "members"}]))
+    with caplog.at_level("WARNING", logger="hybridkv.store.fleet"):
+        member = _member(tmp_path, io, lambda: now[0])  # no crash at start
+        assert not member.admit(100), "a grant nobody can see must not be used"
+        member.done(0)
+        member.poll(force=True)
+        member.close()
+    warned = [r for r in caplog.records if "cannot write" in r.getMessage()]
+    assert len(warned) == 1 and "m.json" in warned[0].getMessage()  # once per failing stretch
+    assert member.admitted == 0 and member.grant == 0
+    io._rules = []
+    member = _member(tmp_path, io, lambda: now[0])
+    assert member.admit(100) and member.read_members()["m"].grant > 0  # claimed, published
+
+
+@pytest.mark.fast
+def test_layout_file_read_failure_is_named(tmp_path, caplog):
+    """layout.json is read through FileIO: the store logs the file and keeps going, the
+    tools refuse it with a one-line error naming it."""
+    from hybridkv.tools.common import ToolError, read_layout
+
+    ChunkStore(tmp_path, small_layout()).ensure_dirs()
+    rules = [{"op": "read", "errno": "EIO", "path": "layout.json"}]
+    store = ChunkStore(tmp_path, small_layout(), io=FaultyFileIO(parse_rules(rules)))
+    with caplog.at_level("WARNING", logger="hybridkv.store"):
+        store.ensure_dirs()
+    assert any(str(store.paths.layout_file) in r.getMessage()
+               and "Input/output error" in r.getMessage() for r in caplog.records)
+    key = make_key(b"l" * 16, 0)
+    assert write(store, key) > 0 and store.read(key)
+    with pytest.raises(ToolError, match=f"{store.paths.layout_file}: cannot read: Input/output"):
+        read_layout(store.paths.layout_dir, FaultyFileIO(parse_rules(rules)))
+    assert read_layout(store.paths.layout_dir) == small_layout()
+
+
+@pytest.mark.fast
+def test_every_file_hybridkv_writes_or_reads_goes_through_file_io(tmp_path):
+    """Chunks, layout.json, the snapshot and the fleet's lease, usage and state files."""
+    from hybridkv.store.fileio import FileIO
+    from hybridkv.store.snapshot import read_snapshot, write_snapshot
+
+    class Recording(FileIO):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[tuple[str, str]] = []
+
+        def before_read(self, op, path):
+            self.seen.append((op, os.path.basename(path)))
+
+        def before_write(self, path, fd, size):
+            self.seen.append(("write", os.path.basename(path)))
+
+    io = Recording()
+    store = ChunkStore(tmp_path, small_layout(), io=io)
+    store.ensure_dirs()
+    store.check_writable()
+    key = make_key(b"r" * 16, 0)
+    write(store, key)
+    store.read(key)
+    store.header_of(store.path(key))
+    write_snapshot(store, [store.describe(key)])
+    read_snapshot(store)
+    member = _member(tmp_path, io, lambda: 1000.0)
+    member.poll(force=True)  # creates the lease
+    member.finish_sync(member.begin_sync(), 0)  # writes the state
+    member.usage()
+    names = {(op, name) for op, name in io.seen}
+    chunk = store.path(key).name
+    assert {("write", "layout.json"), ("read", "layout.json"), ("write", "probe"),
+            ("write", chunk), ("read", chunk), ("read_prefix", chunk),
+            ("write", "index.snapshot"), ("read", "index.snapshot"),
+            ("write", "lease.json"), ("read", "lease.json"), ("write", "m.json"),
+            ("read", "m.json"), ("write", "state.json"), ("read", "state.json")} <= names

@@ -175,6 +175,39 @@ def test_stale_temp_files_are_cleaned(store):
     assert not dead.exists() and alive.exists()
 
 
+def test_file_map_spells_each_name_once(store):
+    from hybridkv.store.file_map import (
+        Leaf,
+        chunk_name,
+        chunk_names,
+        is_stale_temp,
+        key_of_name,
+        placed_names,
+        temp_path,
+    )
+
+    keys = [make_key(bytes([i]) * 16, i % 3) for i in range(5)]
+    assert chunk_names(keys) == [chunk_name(k) for k in keys] == [store.path(k).name
+                                                                  for k in keys]
+    assert [key_of_name(n) for n in chunk_names(keys)] == keys
+    for bad in (".x.safetensors", "zz.safetensors", chunk_name(keys[0]) + ".tmp"):
+        with pytest.raises(ValueError):
+            key_of_name(bad)
+    assert all(store.paths.chunk_str(k) == str(store.path(k)) for k in keys)
+    key = keys[1]  # group 1, first byte 01
+    tmp = temp_path(store.path(key))
+    assert tmp.parent == store.path(key).parent and tmp.name.startswith(tmp_name_prefix())
+    tmp.parent.mkdir(parents=True)
+    tmp.write_bytes(b"t")
+    assert not is_stale_temp(str(tmp)) and is_stale_temp(str(tmp), max_age=-1)
+    leaf = Leaf(1, "01", str(tmp.parent))
+    misplaced = "00" + chunk_name(key)[2:]
+    assert placed_names(leaf, [chunk_name(key)]) == ([chunk_name(key)], [])
+    assert placed_names(leaf, [chunk_name(key), misplaced, tmp.name]) == \
+        ([chunk_name(key)], [str(tmp)])
+    assert placed_names(Leaf(0, "01", leaf.path), [chunk_name(key)]) == ([], [])
+
+
 def test_scan_rebuilds_index_with_parents(store):
     rng = np.random.default_rng(5)
     parent = make_key(b"a" * 16, 0)

@@ -295,3 +295,28 @@ def test_large_buffered_chunk_failing_mid_write_leaves_nothing(tmp_path, monkeyp
         s.write(key, position=32, block_offset=0, arrays=arrays_for(s, 0, np.random.default_rng(10)))
     assert not s.path(key).exists()
     assert [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("rule", [{"op": "write", "errno": "ENOSPC", "partial": True},
+                                  {"op": "write", "partial": True, "delay": 0.01}])
+def test_fault_hooks_reach_streamed_writes(tmp_path, rule):
+    """FileIO's write hook runs for streamed (large buffered) chunks too: a fault
+    leaves nothing, a slow half-written temp file still ends as a whole chunk."""
+    from hybridkv.testing.faults import FaultyFileIO, parse_rules
+
+    ChunkStore(tmp_path, layout(page=300_000, blocks=2)).ensure_dirs()
+    io = FaultyFileIO(parse_rules([rule]))
+    s = ChunkStore(tmp_path, layout(page=300_000, blocks=2), io=io)
+    key = make_key(b"F" * 16, 0)
+    arrays = arrays_for(s, 0, np.random.default_rng(11))
+    if "errno" in rule:
+        with pytest.raises(OSError) as err:
+            s.write(key, position=32, block_offset=0, arrays=arrays)
+        assert err.value.errno == errno.ENOSPC and not s.path(key).exists()
+    else:
+        assert s.write(key, position=32, block_offset=0, arrays=arrays) == \
+            s.path(key).stat().st_size
+        _, got = s.read(key)
+        assert all(np.array_equal(a, b) for a, b in zip(got, arrays))
+    assert io._rules[0].fired == 1
+    assert [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")] == []
