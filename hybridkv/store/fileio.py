@@ -8,7 +8,7 @@ Invariants:
   to a unique temp file in the same directory, optionally fsynced, then are
   renamed over ``path``; on any error the temp file is removed and the error
   re-raised.
-- ``durability="full"`` also fsyncs the directory so the rename survives a
+- ``durability="full"`` also fsyncs the directory so the rename (or link) survives a
   power loss.
 - ``io_mode="direct"`` opens with O_DIRECT exactly when the buffers allow it
   (page-aligned buffers of whole pages to write; a page-aligned buffer

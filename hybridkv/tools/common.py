@@ -32,8 +32,8 @@ from hybridkv.store.file_map import (
     is_stale_temp,
     list_names,
     read_layout_file,
+    temp_files,
 )
-from hybridkv.store.file_map import temp_files as _temp_files
 from hybridkv.store.fileio import FileIO
 from hybridkv.store.format import ChunkTooNew
 
@@ -137,11 +137,6 @@ def chunk_files(store: ChunkStore) -> list[ChunkFile]:
     return [ChunkFile(os.path.join(leaf.path, name), leaf.group)
             for leaf in store.paths.leaves() for name in list_names(leaf.path)
             if is_chunk_name(name)]
-
-
-def temp_files(layout_dir: Path) -> list[str]:
-    """Temp files (``file_map.temp_path``) anywhere under a layout directory."""
-    return _temp_files(layout_dir)
 
 
 def quarantined_files(layout_dir: Path) -> list[os.DirEntry]:
