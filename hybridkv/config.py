@@ -89,8 +89,10 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         "expected a positive size (omit it for no limit)", gt=0)] | None = None
     durability: Annotated[Literal[DURABILITY_CHOICES], _valid(
         f"expected one of {DURABILITY_CHOICES}")] = "none"
-    file_mode: Annotated[int, _valid("expected a permission mode in 0..0o777", ge=0, le=0o777)] = 0o600
-    dir_mode: Annotated[int, _valid("expected a permission mode in 0..0o777", ge=0, le=0o777)] = 0o700
+    file_mode: Annotated[int, _valid(
+        "expected a permission mode in 0..0o777", ge=0, le=0o777)] = 0o600
+    dir_mode: Annotated[int, _valid(
+        "expected a permission mode in 0..0o777", ge=0, le=0o777)] = 0o700
     io_threads: Annotated[int, _valid("expected an integer in 1..256", ge=1, le=256)] = 4
     #: "buffered" (page cache) or "direct" (O_DIRECT; buffered where the filesystem refuses it)
     io_mode: Annotated[Literal[IO_MODE_CHOICES], _valid(
@@ -100,8 +102,8 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: seconds between directory rescans when a lookup misses (0 disables)
     refresh_interval: Annotated[float, _valid("expected seconds >= 0", ge=0)] = 2.0
     #: capacity policy: "group_aware" | "lru" | "watermark" (see hybridkv.policies)
-    eviction_policy: Annotated[str, _valid("expected the name of a registered policy")] = \
-        "group_aware"
+    eviction_policy: Annotated[str, _valid(
+        "expected the name of a registered policy")] = "group_aware"
     #: also keep windows / states every this many chunks (0: only at request ends and branches)
     checkpoint_interval: Annotated[int, _valid(
         "expected a number of chunks >= 0 (0: off)", ge=0)] = 0
@@ -115,7 +117,8 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     fleet: Annotated[Literal["auto", "on", "off"], _valid(
         "expected 'auto', 'on' or 'off' (or true/false)")] = "off"
     #: seconds between the lease holder's directory syncs while other engines are alive
-    fleet_interval: Annotated[float, _valid("expected seconds in 0.1..3600", ge=0.1, le=3600)] = 5.0
+    fleet_interval: Annotated[float, _valid(
+        "expected seconds in 0.1..3600", ge=0.1, le=3600)] = 5.0
     #: seconds the fleet's eviction lease lasts without renewal (an engine silent 2x this is dead)
     fleet_lease_ttl: Annotated[float, _valid("expected seconds in 1..3600", ge=1, le=3600)] = 15.0
 

@@ -60,7 +60,8 @@ else
         | xargs -0 -r sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' sh \
         | tar -c --null -T - -f -) | tar -x -C "$TMP/src"
 fi
-ISOLATION=(); [ "$BUILD_PY" = "$PYTHON" ] || ISOLATION=(--no-build-isolation)  # the dev venv has setuptools
+ISOLATION=()  # the dev venv has setuptools: no need to fetch it for an isolated build
+[ "$BUILD_PY" = "$PYTHON" ] || ISOLATION=(--no-build-isolation)
 check wheel "$BUILD_PY" -m pip wheel -q --no-deps "${ISOLATION[@]}" -w "$TMP/wheel" "$TMP/src"
 WHEEL="$(ls "$TMP"/wheel/hybridkv-*.whl 2>/dev/null | head -1)"
 [ -n "$WHEEL" ] || summary
@@ -76,7 +77,8 @@ check "uninstall torchvision/torchaudio/torchcodec" \
     "$VPY" -m pip uninstall -q -y torchvision torchaudio torchcodec
 pip_check() {  # pip check, less what the uninstall above broke on purpose
     local out; out="$("$VPY" -m pip check 2>&1)"
-    out="$(printf '%s\n' "$out" | grep -v -E 'requires (torchvision|torchaudio|torchcodec), which is not installed')"
+    out="$(printf '%s\n' "$out" \
+        | grep -v -E 'requires (torchvision|torchaudio|torchcodec), which is not installed')"
     echo "$out"
     [[ -z "$out" || "$out" == "No broken requirements found." ]]
 }
