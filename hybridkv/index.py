@@ -129,6 +129,10 @@ class ChunkIndex(SlotColumns):
             if flags[slot] & PENDING:
                 yield ChunkEntry(self, slot, key)
 
+    def present_slots(self) -> list[int]:
+        """Slots of every stored or pending chunk, in the order their keys became known."""
+        return list(self._slot.values())
+
     def parent_key(self, slot: int) -> bytes | None:
         return self._links.parent_key(slot, self._keys)
 

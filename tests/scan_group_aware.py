@@ -62,7 +62,7 @@ from hybridkv.index import ChunkEntry, ChunkIndex
 from hybridkv.keys import key_group, key_hash, make_key
 from hybridkv.policies.base import Admission, Candidate, CapacityPolicy, RequestView
 from hybridkv.policies.group_aware.full import FullAttentionRule
-from hybridkv.policies.group_aware.hit_points import likely_hit_points
+from hybridkv.policies.group_aware.resume_points import resume_points
 from hybridkv.policies.lru import lru_order
 from hybridkv.policies.group_aware.sliding import SlidingWindowRule
 from hybridkv.policies.group_aware.state import StateRule
@@ -119,7 +119,7 @@ class GroupAwarePolicy(CapacityPolicy):
     # ------------------------------------------------------------------ admission
     def admit(self, batch: Sequence[Candidate], request: RequestView,
               index: ChunkIndex) -> list[Admission]:
-        points = likely_hit_points(self.backbone, request, index, self.checkpoint_interval)
+        points = resume_points(self.backbone, request, index, self.checkpoint_interval)
         grid = self.backbone.chunk_tokens
         out = []
         for cand in batch:

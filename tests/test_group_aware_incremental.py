@@ -1,7 +1,7 @@
 """The incremental group-aware policy decides exactly as the scan-based analysis it replaced.
 
 ``scan_group_aware.GroupAwarePolicy`` recomputes every hit point, count and pool from the
-whole index on each decision (the policy as it was); the incremental ``HitPoints`` must
+whole index on each decision (the policy as it was); the incremental ``HitPointTracker`` must
 agree with it on every structure at every decision of a replay, and name the same victims.
 """
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.fast
 
 
 def _compare(policy: GroupAwarePolicy, index, needed, protect, expendable, seen: list) -> None:
-    hp = policy.hit_points(index)
+    hp = policy.tracker(index)
     hp.settle()
     scan = ScanPolicy(policy.layout, cost=policy.cost, alpha=policy.alpha,
                       checkpoint_interval=policy.checkpoint_interval)
@@ -34,7 +34,8 @@ def _compare(policy: GroupAwarePolicy, index, needed, protect, expendable, seen:
     for k, pt in a.points.items():
         assert [index.key_of(s) for s in hp.points[slot(k)].needs] == pt.needs
     assert {index.key_of(s): n for s, n in hp.refs.items()} == a.refs
-    assert {index.key_of(s): n for s, n in hp.below.items() if index._group[s] == policy.backbone.index} \
+    assert {index.key_of(s): n for s, n in hp.points_below.items()
+            if index.group_of(s) == policy.spine.index} \
         == {k: n for k, n in a.below.items() if n and index.get_any(k) is not None}
     assert [index.key_of(s) for _, s in hp.dead] == a.dead
     assert [index.key_of(x[-1]) for x in hp.spare] == a.spare
@@ -156,18 +157,18 @@ def test_a_rebuild_at_start_equals_the_upkeep(trace_name, model, monkeypatch):
     sim = SIM_MODELS[model]
     replay(trace, sim, "group_aware", int(working_set_bytes(trace, sim) * 0.2))
     index, live = captured["index"], captured["policy"]
-    running = live.hit_points(index)
+    running = live.tracker(index)
     running.settle()
     fresh = GroupAwarePolicy(sim.layout, cost=sim.cost)
-    built = fresh.hit_points(index)
+    built = fresh.tracker(index)
     built.settle()
     assert set(built.points) == set(running.points)
     for b, pt in running.points.items():
         other = built.points[b]
-        assert (other.needs, other.firm, other.recency, other.gap) == \
-            (pt.needs, pt.firm, pt.recency, pt.gap)
+        assert (other.needs, other.checkpoint, other.recency, other.gap) == \
+            (pt.needs, pt.checkpoint, pt.recency, pt.gap)
         assert other.density == pytest.approx(pt.density, rel=1e-12)
-    assert built.refs == running.refs and built.below == running.below
+    assert built.refs == running.refs and built.points_below == running.points_below
     assert list(built.dead) == list(running.dead) and list(built.spare) == list(running.spare)
     assert list(utility_order(built, 1.0)) == list(utility_order(running, 1.0))
     need = index.bytes_stored // 10

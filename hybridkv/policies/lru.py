@@ -21,14 +21,16 @@ def lru_order(index: ChunkIndex, needed: int, protect: Collection[bytes] = ()) -
     if needed <= 0:
         return victims
     freed = 0
+    cols = index.columns
+    keys, pins, size = cols.keys, cols.pins, cols.size
     for slot in index.lru_slots():
         if freed >= needed:
             break
-        key = index.key_of(slot)
-        if index._pins.get(slot) or key in protect:
+        key = keys[slot]
+        if pins.get(slot) or key in protect:
             continue
-        victims.append(key)
-        freed += index._size[slot]
+        victims.append(key)  # type: ignore[arg-type]
+        freed += size[slot]
     return victims
 
 

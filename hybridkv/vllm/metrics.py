@@ -147,11 +147,11 @@ class DiskUsage:
         index.subscribe(self)
 
     def _count_all(self) -> None:
-        ix = self.index
-        n = len(ix._flags)
-        stored = (np.frombuffer(ix._flags, dtype=np.uint8, count=n) & STORED) != 0
-        groups = np.frombuffer(ix._group, dtype=np.uint16, count=n)[stored]
-        sizes = np.frombuffer(ix._size, dtype=np.uint32, count=n)[stored].astype(np.int64)
+        cols = self.index.columns
+        n = len(cols.flags)
+        stored = (np.frombuffer(cols.flags, dtype=np.uint8, count=n) & STORED) != 0
+        groups = np.frombuffer(cols.group, dtype=np.uint16, count=n)[stored]
+        sizes = np.frombuffer(cols.size, dtype=np.uint32, count=n)[stored].astype(np.int64)
         for g in np.unique(groups).tolist():
             mask = groups == g
             self.bytes[g] = int(sizes[mask].sum())
@@ -159,14 +159,14 @@ class DiskUsage:
 
     # index listener
     def on_stored(self, slot: int, completed: bool = False, resized: bool = False) -> None:
-        g = self.index._group[slot]
-        self.bytes[g] += self.index._size[slot]
+        g = self.index.group_of(slot)
+        self.bytes[g] += self.index.size_of(slot)
         self.chunks[g] += 1
 
     def on_absent(self, slot: int) -> None:
-        if self.index._flags[slot] & STORED:
-            g = self.index._group[slot]
-            self.bytes[g] -= self.index._size[slot]
+        if self.index.is_stored_slot(slot):
+            g = self.index.group_of(slot)
+            self.bytes[g] -= self.index.size_of(slot)
             self.chunks[g] -= 1
 
     def on_clear(self) -> None:

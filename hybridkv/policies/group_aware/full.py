@@ -15,7 +15,7 @@ __all__ = ["FullAttentionRule"]
 
 
 class FullAttentionRule:
-    def admit(self, group: GroupSpec, candidate: Candidate, hit_points: set[int],
+    def admit(self, group: GroupSpec, candidate: Candidate, resume_points: set[int],
               hit_grid: int) -> Admission:
         return Admission.ADMIT
 

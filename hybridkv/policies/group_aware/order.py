@@ -19,13 +19,13 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 
-from hybridkv.policies.group_aware.points import HitPoints
+from hybridkv.policies.group_aware.tracker import HitPointTracker
 
 __all__ = ["utility_order"]
 
 
-def utility_order(hp: HitPoints, alpha: float) -> Iterator[int]:
-    """Backbone slots of the hit points, lowest utility first (call ``hp.settle()`` before)."""
+def utility_order(hp: HitPointTracker, alpha: float) -> Iterator[int]:
+    """Spine slots of the hit points, lowest utility first (call ``hp.settle()`` before)."""
     n = len(hp.points)
     if n == 0:
         return

@@ -8,7 +8,11 @@ holds the window before p, each state group holds the state at p). A chunk is
 its window no longer ends at a hit point, its state has no prefix).
 
 Admission: per group kind (``full``, ``sliding``, ``state`` modules), around
-the request's likely hit points (``hit_points``).
+the request's *resume points*, where a later request is likely to resume
+(``resume_points``).
+
+The *spine* is the first full-attention group: a hit point is identified by its
+spine chunk, and its chain is the spine chunks from the prefix start to it.
 
 A *checkpoint* is a hit point that needs no ``SPARE`` chunk (one admitted at a
 likely hit point, or one a loaded hit touched). A spare chunk's *gap* is the
@@ -38,7 +42,7 @@ Eviction order, when bytes are needed:
 
 The state behind these decisions (hit points, reference counts, the pools and
 the two sorted lists of the utility order) is kept up to date as chunks come
-and go (``points.HitPoints``, a listener of the index), so one decision costs
+and go (``tracker.HitPointTracker``, a listener of the index), so one decision costs
 time in the chunks it evicts, not in the chunks stored (``order``).
 
 Invariants: see ``hybridkv.policies.base``; in addition no chunk that a
@@ -52,15 +56,15 @@ from collections.abc import Collection, Sequence
 
 from hybridkv.cost import PrefillCost
 from hybridkv.groups import GroupKind, HybridLayout
-from hybridkv.index import ChunkIndex
+from hybridkv.index import STORED, ChunkIndex
 from hybridkv.keys import key_group, key_hash, make_key
 from hybridkv.policies.base import Admission, Candidate, CapacityPolicy, RequestView
 from hybridkv.policies.group_aware.full import FullAttentionRule
-from hybridkv.policies.group_aware.hit_points import likely_hit_points
+from hybridkv.policies.group_aware.resume_points import resume_points
 from hybridkv.policies.group_aware.order import utility_order
-from hybridkv.policies.group_aware.points import HitPoints
 from hybridkv.policies.group_aware.sliding import SlidingWindowRule
 from hybridkv.policies.group_aware.state import StateRule
+from hybridkv.policies.group_aware.tracker import HitPointTracker
 from hybridkv.policies.lru import lru_order
 
 __all__ = ["GroupAwarePolicy"]
@@ -78,13 +82,14 @@ class GroupAwarePolicy(CapacityPolicy):
         if not full:
             raise ValueError("the group-aware policy needs a full-attention group")
         self.layout = layout
-        self.backbone = full[0]
+        #: the spine: the first full-attention group (hit points are its chunks)
+        self.spine = full[0]
         self.cost = cost or PrefillCost.from_layout(layout)
         self.checkpoint_interval = checkpoint_interval
         self.alpha = alpha
         self._groups = {g.index: g for g in layout.groups}
         self.spine_groups = frozenset(g.index for g in full)
-        self._points: HitPoints | None = None
+        self._tracker: HitPointTracker | None = None
 
     # ------------------------------------------------------------------ state
     def attach(self, index: ChunkIndex) -> None:
@@ -94,22 +99,25 @@ class GroupAwarePolicy(CapacityPolicy):
         restarting on a large directory is ready before it; lookups, loads and stores do
         not need them.
         """
-        if self._points is not None and self._points.index is not index:
-            self._points.index.unsubscribe(self._points)
-            self._points = None
+        if self._tracker is not None and self._tracker.index is not index:
+            self._tracker.index.unsubscribe(self._tracker)
+            self._tracker = None
 
-    def hit_points(self, index: ChunkIndex) -> HitPoints:
+    def tracker(self, index: ChunkIndex) -> HitPointTracker:
         """The incrementally kept hit points of ``index`` (built on first use)."""
-        if self._points is None or self._points.index is not index:
+        if self._tracker is None or self._tracker.index is not index:
             self.attach(index)
-            self._points = HitPoints(index, self.layout, self.backbone, self.cost)
-        return self._points
+            self._tracker = HitPointTracker(index, self.layout, self.spine, self.cost)
+        return self._tracker
+
+    #: the former name of ``tracker`` (``benchmarks/policy_overhead.py`` calls it)
+    hit_points = tracker
 
     # ------------------------------------------------------------------ admission
     def admit(self, batch: Sequence[Candidate], request: RequestView,
               index: ChunkIndex) -> list[Admission]:
-        points = likely_hit_points(self.backbone, request, index, self.checkpoint_interval)
-        grid = self.backbone.chunk_tokens
+        points = resume_points(self.spine, request, index, self.checkpoint_interval)
+        grid = self.spine.chunk_tokens
         out = []
         for cand in batch:
             group = self._groups[cand.group]
@@ -121,7 +129,7 @@ class GroupAwarePolicy(CapacityPolicy):
         deepest, at = None, -1
         for k in keys:
             entry = index.get(k)
-            if entry is not None and entry.group == self.backbone.index and entry.position > at:
+            if entry is not None and entry.group == self.spine.index and entry.position > at:
                 deepest, at = k, entry.position
         if deepest is not None:
             index.mark_hit(deepest)
@@ -129,16 +137,17 @@ class GroupAwarePolicy(CapacityPolicy):
     # ------------------------------------------------------------------ eviction
     def victims(self, index: ChunkIndex, needed: int, protect: Collection[bytes] = (), *,
                 expendable: int = 0) -> list[bytes]:
-        hp = self.hit_points(index)
+        hp = self.tracker(index)
         hp.settle()
-        keys, flags, pins, size = index._keys, index._flags, index._pins, index._size
+        cols = index.columns
+        keys, flags, pins, size = cols.keys, cols.flags, cols.pins, cols.size
         chosen: list[bytes] = []
         taken: set[int] = set()
         freed = 0
 
         def take(slot: int) -> None:
             nonlocal freed
-            if slot in taken or not flags[slot] & 1 or slot in pins or keys[slot] in protect:
+            if slot in taken or not flags[slot] & STORED or slot in pins or keys[slot] in protect:
                 return
             taken.add(slot)
             chosen.append(keys[slot])  # type: ignore[arg-type]
@@ -150,26 +159,27 @@ class GroupAwarePolicy(CapacityPolicy):
                     return chosen
                 take(item[-1])
         # retire hit points, lowest utility first; a chunk goes once no remaining point needs it
-        refs, below, points, parent = hp.refs, hp.below, hp.points, index._parent
-        group_of, full = index._group, hp._full
-        less_refs: dict[int, int] = {}
-        less_below: dict[int, int] = {}
+        refs, points_below, points = hp.refs, hp.points_below, hp.points
+        parent, group_of, full = cols.parent, cols.group, self.spine_groups
+        #: per chunk, how many of its refs / points below the retired points took
+        retired_refs: dict[int, int] = {}
+        retired_below: dict[int, int] = {}
         for b in utility_order(hp, self.alpha):
             if freed >= needed:
                 return chosen
             for n in points[b].needs:
-                d = less_refs.get(n, 0) + 1
-                less_refs[n] = d
+                d = retired_refs.get(n, 0) + 1
+                retired_refs[n] = d
                 if refs[n] == d and group_of[n] not in full:
                     take(n)
             s = b
             while s != -1:
-                d = less_below.get(s, 0) + 1
-                less_below[s] = d
-                if below.get(s, 0) == d:
+                d = retired_below.get(s, 0) + 1
+                retired_below[s] = d
+                if points_below.get(s, 0) == d:
                     take(s)
                     for other in self._companions(index, s):
-                        if refs.get(other, 0) - less_refs.get(other, 0) <= 0:
+                        if refs.get(other, 0) - retired_refs.get(other, 0) <= 0:
                             take(other)
                 s = parent[s]
         if freed < needed:  # only pinned / protected chunks are left: plain LRU
@@ -182,11 +192,13 @@ class GroupAwarePolicy(CapacityPolicy):
 
     def _companions(self, index: ChunkIndex, slot: int) -> list[int]:
         """Stored slots of every group at ``slot``'s prefix position."""
-        h = key_hash(index._keys[slot])
+        cols = index.columns
+        h = key_hash(cols.keys[slot])  # type: ignore[arg-type]
+        slot_of, flags = cols.slot_of, cols.flags
         out = []
         for g in self._groups:
-            s = index._slot.get(make_key(h, g))
-            if s is not None and index._flags[s] & 1:
+            s = slot_of(make_key(h, g))
+            if s is not None and flags[s] & STORED:
                 out.append(s)
         return out
 

@@ -1,6 +1,6 @@
 """Sliding-window groups: a hit at p needs only the chunks covering the window before p.
 
-Admission: a chunk inside the window of one of the request's likely hit points
+Admission: a chunk inside the window of one of the request's resume points
 is admitted; a chunk no hit point on the hit grid can ever include is
 rejected; any other chunk is ``SPARE`` (free space, or the place of a dead or
 expendable spare chunk; see ``group_aware``).
@@ -25,11 +25,11 @@ def _window_start(group: GroupSpec, hit: int) -> int:
 
 
 class SlidingWindowRule:
-    def admit(self, group: GroupSpec, candidate: Candidate, hit_points: set[int],
+    def admit(self, group: GroupSpec, candidate: Candidate, resume_points: set[int],
               hit_grid: int) -> Admission:
         q = candidate.position
         if any(_window_start(group, h) < q <= -(-h // group.chunk_tokens) * group.chunk_tokens
-               for h in hit_points):
+               for h in resume_points):
             return Admission.ADMIT
         # the first grid point at or after the chunk's end: if its window misses the chunk,
         # so do all later ones

@@ -1,6 +1,6 @@
 """State groups (Mamba, gated delta net, linear attention): one state, exactly at the hit.
 
-Admission: states at the request's likely hit points (end of request, every
+Admission: states at the request's resume points (end of request, every
 k chunks, branch points); any other state is ``SPARE`` (free space, or the place
 of a dead or expendable spare chunk, see ``group_aware``): it helps only a
 request that resumes at exactly that position.
@@ -18,9 +18,9 @@ __all__ = ["StateRule"]
 
 
 class StateRule:
-    def admit(self, group: GroupSpec, candidate: Candidate, hit_points: set[int],
+    def admit(self, group: GroupSpec, candidate: Candidate, resume_points: set[int],
               hit_grid: int) -> Admission:
-        return Admission.ADMIT if candidate.position in hit_points else Admission.SPARE
+        return Admission.ADMIT if candidate.position in resume_points else Admission.SPARE
 
     @staticmethod
     def needs(index: ChunkIndex, group: GroupSpec, key: bytes, hit: int) -> list[bytes] | None:

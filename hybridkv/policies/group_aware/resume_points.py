@@ -1,8 +1,8 @@
-"""Likely hit points of a request: where a later request will probably resume.
+"""Resume points of a request: where a later request will probably resume.
 
-A hit can only end where every group can serve it. Windows and states are
-worth storing only around the positions where later requests are likely to
-resume (Marconi's checkpoints):
+A hit can only end where every group can serve it (a *hit point*). Windows and
+states are worth storing only around the positions where later requests are
+likely to resume (Marconi's checkpoints); admission keeps them there:
 
 - the end of the request (the last complete chunk: a later turn or a retry
   resumes there; with an exactly chunk-aligned prompt also the chunk before,
@@ -11,7 +11,8 @@ resume (Marconi's checkpoints):
 - branch points: where this request leaves the prefixes already stored, so a
   third request down either branch resumes at the fork.
 
-Positions are on the chunk grid of the layout's first full-attention group.
+Invariant: positions are on the chunk grid of the spine (the layout's first
+full-attention group), > 0 and at most the request's last complete spine chunk.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ from hybridkv.index import ChunkIndex
 from hybridkv.keys import key_group
 from hybridkv.policies.base import RequestView
 
-__all__ = ["likely_hit_points"]
+__all__ = ["resume_points"]
 
 
-def likely_hit_points(backbone: GroupSpec, request: RequestView, index: ChunkIndex,
-                      interval: int = 0) -> set[int]:
+def resume_points(spine: GroupSpec, request: RequestView, index: ChunkIndex,
+                  interval: int = 0) -> set[int]:
     """Positions (tokens) where a later request is likely to resume."""
-    c = backbone.chunk_tokens
+    c = spine.chunk_tokens
     chain = sorted((pos, key) for key, pos in request.positions.items()
-                   if key_group(key) == backbone.index)
+                   if key_group(key) == spine.index)
     if not chain:
         return set()
     end = chain[-1][0]
