@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridkv.chunks import ChunkRecord
-from hybridkv.index import ChunkIndex
+from hybridkv.index import PENDING, SPARE, STORED, ChunkIndex
 from hybridkv.keys import key_group, make_key
 
 pytestmark = pytest.mark.fast
@@ -83,9 +83,22 @@ def test_index_matches_the_model(steps):
         assert {x.key for x in index} == set(stored)
         assert index.bytes_stored == sum(x["size"] for x in stored.values())
         assert index.bytes_used == sum(x["size"] for x in model.entries.values())
+        cols = index.columns
         for mk, me in model.entries.items():
             got = index.get_any(mk)
             assert got is not None and got.parent == me["parent"]
+            # the public reads: by key, by slot, and the columns, all agree
+            slot = index.slot_of(mk)
+            assert index.is_stored(mk) == me["stored"] == (mk in index)
+            assert cols.slot_of(mk) == slot and cols.keys[slot] == index.key_of(slot) == mk
+            assert index.group_of(slot) == cols.group[slot] == key_group(mk)
+            assert index.size_of(slot) == cols.size[slot] == me["size"]
+            assert index.flags_of(slot) == cols.flags[slot] == (
+                (STORED if me["stored"] else PENDING) | (SPARE if me["spare"] else 0))
+            parent_slot = index.slot_of(me["parent"]) if me["parent"] else None
+            assert index.parent_of(slot) == cols.parent[slot] == (
+                -1 if parent_slot is None else parent_slot)
+            assert index.pins_of(slot) == cols.pins.get(slot, 0) == me["pins"]
             assert got.spare == me["spare"] and index.is_pending(mk) == (not me["stored"])
             if me["stored"]:
                 assert got.pins == me["pins"]
@@ -113,10 +126,10 @@ def test_slots_are_reused_and_columns_grow():
     assert len(index) == 3000 and index.bytes_stored == 30000
     for k in keys[:2000]:
         index.remove(k)
-    capacity = len(index._flags)
+    capacity = len(index.columns.flags)
     for i in range(2000):
         index.add(make_key((10_000 + i).to_bytes(8, "big"), 0), group=0, position=256, size=1)
-    assert len(index._flags) == capacity  # freed slots were reused
+    assert len(index.columns.flags) == capacity  # freed slots were reused
     assert len(index) == 3000 and index.bytes_stored == 1000 * 10 + 2000
 
 
@@ -194,3 +207,42 @@ def test_bulk_load_equals_adding_one_by_one(rows):
         got = bulk.get(e.key)
         assert got.children == e.children and got.parent == e.parent
         assert set(bulk.descendants(e.key)) == set(one.descendants(e.key))
+
+
+def test_columns_read_through_growth_renumbering_bulk_load_and_clear():
+    """``columns`` is one object until ``clear``: growth and clock renumbering happen in
+    place, so a view fetched before them shows the index as it is after."""
+    index = ChunkIndex()
+    cols = index.columns
+    keys = [make_key(i.to_bytes(8, "big"), 0) for i in range(3000)]  # grows twice
+    for i, k in enumerate(keys):
+        index.add(k, group=0, position=256 * (i + 1), size=i,
+                  parent=keys[i - 1] if i else None)
+    assert index.columns is cols and len(cols.flags) >= 3000
+    for i, k in enumerate(keys):
+        s = cols.slot_of(k)
+        assert cols.keys[s] == k and cols.size[s] == i and cols.flags[s] == STORED
+        assert cols.parent[s] == (cols.slot_of(keys[i - 1]) if i else -1)
+    index.mark_hit(keys[5])
+    index.pin(keys[6])
+    assert cols.last_hit[cols.slot_of(keys[5])] > 0 and cols.pins[cols.slot_of(keys[6])] == 1
+    order = sorted(keys, key=lambda k: cols.last_access[cols.slot_of(k)])
+    index._clock = 2**32 - 1  # the next tick renumbers the clocks
+    index.touch(keys[0])
+    assert index.columns is cols and index._clock < 10_000
+    assert sorted(keys, key=lambda k: cols.last_access[cols.slot_of(k)]) == order[1:] + [keys[0]]
+    assert cols.last_hit[cols.slot_of(keys[5])] == index.get(keys[5]).last_hit > 0
+    with pytest.raises((TypeError, AttributeError)):
+        cols.size = None  # type: ignore[misc]  # the view is frozen
+    with pytest.raises(TypeError):
+        cols.pins[0] = 1  # type: ignore[index]  # and its dicts read only
+
+    loaded = ChunkIndex()
+    before = loaded.columns
+    loaded.load(index.records(), by_mtime=False)
+    assert loaded.columns is before
+    assert all(before.keys[before.slot_of(k)] == k for k in keys)
+
+    index.clear()
+    assert index.columns is not cols and index.columns.slot_of(keys[0]) is None
+    assert not index.is_stored(keys[0])
