@@ -163,8 +163,8 @@ class LazyValues:
             return
         best, count = FAR, 0
         points = self.points
-        for p in self.needed_by.get(slot, ()):
-            pt = points[p]
+        for b in self.needed_by.get(slot, ()):
+            pt = points[b]
             if pt.gap_counted and not pt.checkpoint:
                 if pt.gap < best:
                     best, count = pt.gap, 1

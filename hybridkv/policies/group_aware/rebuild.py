@@ -19,7 +19,8 @@ __all__ = ["Rebuild"]
 
 
 class Rebuild:
-    """Mixin of ``HitPointTracker``: ``rebuild``."""
+    """Mixin of ``HitPointTracker``: ``rebuild`` (it resets and refills every structure
+    the other parts keep, and fetches ``columns`` again: after ``clear`` they are new)."""
 
     def _clear_all(self) -> None:
         for part in (self.rooted, self.points, self.refs, self.points_below, self.needed_by,

@@ -24,6 +24,10 @@ at least ``SHARED`` points share does not mark all of them stale when that numbe
 changes (each one's share moves by under 1/SHARED), and gap searches and refresh
 walks visit at most ``WALK_LIMIT`` chunks.
 
+Names in the code of the tracker and its parts: ``b`` is a hit point's spine slot,
+``pt`` its ``Point``, ``n`` a slot it needs, ``s`` / ``c`` / ``p`` any slot / a child /
+a parent.
+
 Invariants (checked against the scan-based analysis in the tests): points, needs,
 checkpoints, refs, points_below and the dead pool equal what a full scan of the
 index computes after every change; densities, gaps and the spare pool equal it at
@@ -133,14 +137,14 @@ class HitPointTracker(Rebuild, Needs, LazyValues, Counts, Rooting, Pools):
         if not self._stale:
             return
         stale, self._stale = self._stale, set()
-        for p in stale:
-            pt = self.points.get(p)
+        for b in stale:
+            pt = self.points.get(b)
             if pt is None:
                 continue
             if pt.checkpoint:
-                self._set_density(p, pt, self._density(p, pt))
+                self._set_density(b, pt, self._density(b, pt))
                 continue
-            gap = self._gap(p)
+            gap = self._gap(b)
             if pt.gap_counted:
                 if gap == pt.gap:
                     continue
