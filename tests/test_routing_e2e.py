@@ -5,19 +5,19 @@ Engine A serves a prompt; B never sees it (separate cache directories). For a fo
 that extends the prompt the router must pick A, promise B nothing, and vLLM's
 ``usage.prompt_tokens_details.cached_tokens`` on A must equal the predicted tokens (GPU
 prefix cache first, hybridkv's STORAGE tier after it). Starts two engines: several minutes
-on the shared 2-core box.
+on the shared 2-core box. Ports are the OS's (tests/served.py); the router's subscription
+is proven by a probe batch that arrives before the test's first request.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
 
 import pytest
 
-from served import free_port, serve
+from served import kv_events_args, serve
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -33,28 +33,26 @@ def test_router_picks_the_engine_holding_the_prefix(tiny_model, tmp_path):
     from hybridkv.routing.subscriber import EventSubscriber
 
     model = str(tiny_model("gemma3"))
-    ports = {"a": free_port(), "b": free_port()}
     rng = random.Random(13)
     prompt = [rng.randrange(4, 500) for _ in range(5 * 128 + 10)]
     follow_up = prompt + [rng.randrange(4, 500) for _ in range(100)]
 
-    def args(name):
-        cfg = {"enable_kv_cache_events": True, "publisher": "zmq",
-               "endpoint": f"tcp://*:{ports[name]}"}
-        return ("--kv-events-config", json.dumps(cfg), "--enable-prompt-tokens-details")
-
+    args = (*kv_events_args(), "--enable-prompt-tokens-details")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    with serve(tmp_path / "a", model, *args("a")) as a, serve(tmp_path / "b", model, *args("b")) as b:
+    with serve(tmp_path / "a", model, *args) as a, serve(tmp_path / "b", model, *args) as b:
         layout = load_layout(a.cache)
         assert load_layout(b.cache) == layout
-        hasher = RequestHasher("sha256", os.environ.get("PYTHONHASHSEED"),
-                               min(g.block_tokens for g in layout.groups))
+        block = min(g.block_tokens for g in layout.groups)
+        hasher = RequestHasher("sha256", os.environ.get("PYTHONHASHSEED"), block)
         router = Router(layout, ["b", "a"], hasher=hasher)  # b first: a tie would pick b
-        sub = EventSubscriber(router.index, {n: f"tcp://127.0.0.1:{p}" for n, p in ports.items()})
+        engines = {"a": a, "b": b}
+        sub = EventSubscriber(router.index, {n: e.kv_events()["endpoint"]
+                                             for n, e in engines.items()})
         try:
             assert sub.wait_connected(30) == []
-            time.sleep(1.0)  # the SUB's subscription reaches the publishers
+            for name, engine in engines.items():  # the subscription reached each publisher
+                engine.wait_subscribed(lambda n=name: router.index.status(n).batches > 0, block)
             before = router.route(follow_up, record=False)
             assert before.predicted_tokens == 0
 
@@ -92,21 +90,18 @@ def test_prediction_equals_cached_tokens_with_state_groups(kind, tiny_model, tmp
     from hybridkv.routing.subscriber import EventSubscriber
 
     model = str(tiny_model(kind))
-    port = free_port()
-    cfg = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{port}"}
     rng = random.Random(7)
-    with serve(tmp_path, model, "--kv-events-config", json.dumps(cfg),
-               "--enable-prompt-tokens-details") as a:
+    with serve(tmp_path, model, *kv_events_args(), "--enable-prompt-tokens-details") as a:
         layout = load_layout(a.cache)
         block = min(g.block_tokens for g in layout.groups)
         prompt = [rng.randrange(4, 500) for _ in range(3 * block + 10)]
         follow_up = prompt + [rng.randrange(4, 500) for _ in range(50)]
         router = Router(layout, ["a"], hasher=RequestHasher("sha256", os.environ.get(
             "PYTHONHASHSEED"), block))
-        sub = EventSubscriber(router.index, {"a": f"tcp://127.0.0.1:{port}"})
+        sub = EventSubscriber(router.index, {"a": a.kv_events()["endpoint"]})
         try:
             assert sub.wait_connected(30) == []
-            time.sleep(1.0)
+            a.wait_subscribed(lambda: router.index.status("a").batches > 0, block)
             a.complete(prompt)
             deadline = time.time() + 120
             while router.route(follow_up, record=False).replicas[0].tiers["STORAGE"] == 0:

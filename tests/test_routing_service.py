@@ -1,9 +1,15 @@
-"""The router as a service: vLLM's own ZMQ publisher -> subscriber -> HTTP API; the CLI's errors."""
+"""The router as a service: vLLM's own ZMQ publisher -> subscriber -> HTTP API; the CLI's errors.
+
+Ports are the OS's: publishers bind ``tcp://*:0`` (vLLM reports the endpoint it bound),
+the router's HTTP API ``--listen 127.0.0.1:0`` (it prints the URL it bound), and an engine
+nothing listens on is a port kept bound without listening (``served.refused_port``).
+"""
 
 from __future__ import annotations
 
 import json
-import socket
+import re
+import select
 import subprocess
 import sys
 import time
@@ -12,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from served import refused_port
 
 from hybridkv.groups import GroupKind, GroupSpec, HybridLayout
 from hybridkv.routing.hashing import RequestHasher
@@ -31,10 +38,11 @@ LAYOUT = HybridLayout(model="t", dtype="x", groups=(
 TOKENS = list(range(500, 500 + 6 * HB + 3))
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def refused():
+    """``tcp://127.0.0.1:PORT`` that refuses connections for the whole test."""
+    with refused_port() as port:
+        yield f"tcp://127.0.0.1:{port}"
 
 
 def _until(cond, timeout=10.0):
@@ -46,6 +54,33 @@ def _until(cond, timeout=10.0):
     return False
 
 
+def _subscribed(kv_events, pub, index, name: str, timeout: float = 10.0) -> None:
+    """Readiness handshake: publish empty batches until one more reaches ``index``. A PUB
+    drops what it sends before a SUB's subscription reaches it; once a batch arrived, the
+    subscription is in place for every later one."""
+    seen = index.status(name).batches
+    deadline = time.monotonic() + timeout
+    while index.status(name).batches == seen:
+        assert time.monotonic() < deadline, "no probe batch reached the subscriber"
+        pub.publish(kv_events.KVEventBatch(ts=time.time(), events=[]))
+        _until(lambda: index.status(name).batches > seen, 0.2)
+
+
+def _rebind(kv_events, endpoint: str, timeout: float = 10.0):
+    """A publisher on the endpoint a closed one had (a restarted engine keeps its endpoint).
+    ZMQ closes sockets in its I/O thread: the port may be held a moment, so retry."""
+    import zmq
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return kv_events.ZmqEventPublisher(0, endpoint=endpoint)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def _gpu_batch(kv_events, hashes, groups=(0, 1)):
     return kv_events.KVEventBatch(ts=time.time(), events=[
         kv_events.BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=[],
@@ -53,20 +88,21 @@ def _gpu_batch(kv_events, hashes, groups=(0, 1)):
                               group_idx=g) for g in groups])
 
 
-def test_vllm_publisher_to_router_and_restart_empties_the_view():
+def test_vllm_publisher_to_router_and_restart_empties_the_view(monkeypatch, refused):
     kv_events = pytest.importorskip("vllm.distributed.kv_events")
     from vllm.v1.core import kv_cache_utils as u
 
-    port = _port()
-    ep = f"tcp://127.0.0.1:{port}"
+    monkeypatch.setenv("VLLM_HOST_IP", "127.0.0.1")  # where vLLM binds tcp://*:0
     hasher = RequestHasher(block_tokens=HB)
     hashes = [u.maybe_convert_block_hash(h) for h in hasher.hashes(TOKENS)]
     router = Router(LAYOUT, ["a", "b"], hasher=hasher)
-    pub = kv_events.ZmqEventPublisher(0, endpoint=f"tcp://*:{port}")
-    sub = EventSubscriber(router.index, {"a": ep, "b": f"tcp://127.0.0.1:{_port()}"})
+    pub = kv_events.ZmqEventPublisher(0, endpoint="tcp://*:0")
+    ep = pub.get_publisher_config().endpoint
+    assert ep.startswith("tcp://127.0.0.1:") and not ep.endswith(":0"), ep
+    sub = EventSubscriber(router.index, {"a": ep, "b": refused})
     try:
         assert sub.wait_connected(10) == ["b"]  # nothing listens for b
-        time.sleep(0.3)  # PUB/SUB: the subscription reaches the publisher asynchronously
+        _subscribed(kv_events, pub, router.index, "a")
         pub.publish(_gpu_batch(kv_events, hashes))
         assert _until(lambda: router.route(TOKENS, record=False).predicted_tokens == 6 * HB)
         ans = router.route(TOKENS)
@@ -74,9 +110,9 @@ def test_vllm_publisher_to_router_and_restart_empties_the_view():
         pub.shutdown()
         assert _until(lambda: router.route(TOKENS, record=False).predicted_tokens == 0)
         assert router.index.status("a").resets.get("disconnected") == 1
-        pub = kv_events.ZmqEventPublisher(0, endpoint=f"tcp://*:{port}")  # restarted engine
+        pub = _rebind(kv_events, "tcp://*:" + ep.rsplit(":", 1)[1])  # restarted engine
         assert _until(lambda: router.index.status("a").connected)
-        time.sleep(0.3)
+        _subscribed(kv_events, pub, router.index, "a")
         pub.publish(_gpu_batch(kv_events, hashes[:3]))
         assert _until(lambda: router.route(TOKENS, record=False).predicted_tokens == 48)
     finally:
@@ -174,32 +210,35 @@ def _route(*args, timeout=60):
       "--max-entries", "0"], "--max-entries"),
     (["--listen", "127.0.0.1:0", "--engine", "a=tcp://h:1", "--groups", "full:16",
       "--hash-block-tokens", "5"], "5"),
-    (["--listen", "127.0.0.1:0", "--engine", f"a=tcp://127.0.0.1:{_port()}", "--groups",
+    (["--listen", "127.0.0.1:0", "--engine", "a={refused}", "--groups",
       "full:16", "--connect-timeout", "1"], "unreachable"),
 ])
-def test_cli_errors_are_one_line(args, word):
-    proc = _route(*args)
+def test_cli_errors_are_one_line(args, word, refused):
+    proc = _route(*(a.replace("{refused}", refused) for a in args))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and word in lines[0] and lines[0].startswith("hybridkv route:"), lines
     assert "Traceback" not in proc.stderr
 
 
-def test_cli_serves_until_stopped(tmp_path):
-    port = _port()
+def test_cli_serves_until_stopped(tmp_path, refused):
+    m = None
     proc = subprocess.Popen([sys.executable, "-m", "hybridkv.cli", "route", "--listen",
-                             f"127.0.0.1:{port}", "--engine", f"a=tcp://127.0.0.1:{_port()}",
+                             "127.0.0.1:0", "--engine", f"a={refused}",
                              "--groups", "full:16,sliding:16:32", "--connect-timeout", "0"],
                             cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
-        def up():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    return json.loads(r.read()) == {"ok": True}
-            except OSError:
-                return False
-        assert _until(up, 60)
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/route", method="POST",
+        # the line it prints once serving names the port the OS gave it
+        lines = []
+        while select.select([proc.stderr], [], [], 60)[0] and (line := proc.stderr.readline()):
+            lines.append(line)
+            if m := re.match(r"hybridkv route: (http://127\.0\.0\.1:(\d+)) \(a=", line):
+                break
+        assert m and int(m.group(2)) > 0, lines
+        base = m.group(1)
+        with urllib.request.urlopen(base + "/health", timeout=10) as r:
+            assert json.loads(r.read()) == {"ok": True}
+        req = urllib.request.Request(base + "/route", method="POST",
                                      data=json.dumps({"token_ids": TOKENS}).encode())
         with urllib.request.urlopen(req, timeout=10) as r:
             ans = json.loads(r.read())

@@ -20,7 +20,9 @@ class RouteArgError(ValueError):
 def add_route_parser(sub) -> argparse.ArgumentParser:
     r = sub.add_parser("route", help="hybrid-aware KV router: engines' KV events -> HTTP JSON "
                                      "API (see docs/routing.md)")
-    r.add_argument("--listen", required=True, help="HOST:PORT for the HTTP API")
+    r.add_argument("--listen", required=True,
+                   help="HOST:PORT for the HTTP API (port 0: the OS picks one; the line "
+                        "printed once serving, 'hybridkv route: http://HOST:PORT ...', names it)")
     r.add_argument("--engine", action="append", required=True, metavar="NAME=ZMQ_ENDPOINT",
                    help="an engine's KV-event endpoint, e.g. a=tcp://10.0.0.5:5557 (repeat)")
     r.add_argument("--layout", default=None,
