@@ -7,14 +7,13 @@ files) and, under a small disk budget, the removals of evicted chunks.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 
 import msgspec
 import pytest
 
-from served import free_port, serve
+from served import kv_events_args, serve
 
 pytestmark = pytest.mark.engine
 
@@ -24,7 +23,12 @@ VLLM_KINDS = {"full_attention": "full_attention", "sliding_window": "sliding_win
 
 
 class Subscriber:
-    def __init__(self, port: int):
+    """vLLM's KV-event stream as a list, complete from the first batch: a SUB receives the
+    live stream, and what it missed before its subscription reached the publisher (a PUB
+    drops it) comes from the publisher's replay ROUTER, asked for every missing sequence
+    number. No wait for the subscription."""
+
+    def __init__(self, sources: dict):
         import zmq
         from vllm.distributed.kv_events import KVEventBatch
 
@@ -32,28 +36,56 @@ class Subscriber:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.connect(f"tcp://127.0.0.1:{port}")
+        self.sock.connect(sources["endpoint"])
+        self.replay = self.ctx.socket(zmq.DEALER)
+        self.replay.connect(sources["replay_endpoint"])
         self.decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
-        self.events: list = []
+        self.batches: dict[int, list] = {}  # seq -> events
+        self.replayed = 0
+
+    @property
+    def events(self) -> list:
+        return [e for seq in sorted(self.batches) for e in self.batches[seq]]
+
+    def _add(self, seq: bytes, payload: bytes) -> bool:
+        n = int.from_bytes(seq, "big", signed=True)
+        if n < 0:  # the replay's end marker
+            return False
+        self.batches.setdefault(n, self.decoder.decode(payload).events)
+        return True
 
     def drain(self, seconds: float) -> None:
         end = time.time() + seconds
         while (left := end - time.time()) > 0:
             if self.sock.poll(int(left * 1000) + 1):
-                _topic, _seq, payload = self.sock.recv_multipart()
-                self.events.extend(self.decoder.decode(payload).events)
+                _topic, seq, payload = self.sock.recv_multipart()
+                self._add(seq, payload)
+
+    def fill(self, timeout: float = 30) -> None:
+        """Ask the replay ROUTER for every batch from the first missing sequence number on."""
+        first_missing = next(n for n in range(len(self.batches) + 1) if n not in self.batches)
+        self.replay.send_multipart([b"", first_missing.to_bytes(8, "big")])
+        end = time.time() + timeout
+        while True:
+            assert self.replay.poll(max(1, int((end - time.time()) * 1000))), "no replay answer"
+            _empty, _topic, seq, payload = self.replay.recv_multipart()
+            if not self._add(seq, payload):
+                return
+            self.replayed += 1
 
     def wait_for(self, predicate, timeout: float = 60) -> None:
         end = time.time() + timeout
         while not predicate():
             assert time.time() < end, f"events seen: {self.events[-20:]}"
             self.drain(0.5)
+            self.fill()
 
     def storage(self, kind: str) -> list:
         return [e for e in self.events if type(e).__name__ == kind and e.medium == "STORAGE"]
 
     def close(self) -> None:
         self.sock.close(0)
+        self.replay.close(0)
         self.ctx.term()
 
 
@@ -78,18 +110,13 @@ def _chunk_files(cache) -> set[tuple]:
 
 def test_stores_and_evictions_are_published_per_group(tmp_path, tiny_model):
     model = str(tiny_model("gemma3"))
-    zmq_port = free_port()
-    events_config = {"enable_kv_cache_events": True, "publisher": "zmq",
-                     "endpoint": f"tcp://*:{zmq_port}"}
     rng = random.Random(7)
     prompts = [[rng.randrange(4, 260) for _ in range(700)] for _ in range(5)]
     # tiny gemma3: 128-token blocks, chunks of ~64 KiB; 700 tokens store 5 full-attention
     # chunks and at most as many per sliding group: 2 MiB holds about two prompts
-    with serve(tmp_path, model, "--disk-budget", "2MiB",
-               "--kv-events-config", json.dumps(events_config)) as server:
-        sub = Subscriber(zmq_port)
+    with serve(tmp_path, model, "--disk-budget", "2MiB", *kv_events_args(replay=True)) as server:
+        sub = Subscriber(server.kv_events())
         try:
-            time.sleep(1.0)  # PUB/SUB: let the subscription reach the publisher
             server.complete(prompts[0])
             groups = {g["index"]: g for g in server.layout()["groups"]}
             sub.wait_for(lambda: {e.group_idx for e in sub.storage("BlockStored")} == set(groups))

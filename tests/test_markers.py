@@ -1,4 +1,4 @@
-"""Markers exclude: ``-m fast`` (``make test-fast``) selects no ``engine``, ``slow`` or ``gpu`` test.
+"""Markers exclude: ``-m fast`` (``make test-fast``) selects no engine, slow or gpu test.
 
 pytest's ``-m`` matches every marker an item inherits, so a ``@slow`` test in a module
 marked ``fast`` would run under ``-m fast``; tests/conftest.py rejects such a test at
