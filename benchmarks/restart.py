@@ -98,7 +98,7 @@ def start(store: ChunkStore, *, snapshots: bool = True) -> dict:
     phases = {f"{k}_s": v for k, v in mgr.startup_seconds.items() if k != "total"}
     return {"total_s": total, **phases, "chunks": len(mgr.index),
             "source": "snapshot" if mgr.counters.get("startup_from_snapshot") else "scan",
-            "unchecked": len(mgr._unchecked), "_index": mgr.index}
+            "unchecked": len(mgr.cache.presence.unchecked), "_index": mgr.index}
 
 
 def start_stat_all(store: ChunkStore) -> dict:

@@ -110,8 +110,7 @@ class Capacity:
                     extra += self.headroom
                 plan.evicted = self.remove(self.policy.victims(
                     self.index, max(0, short), protect, expendable=max(0, extra)))
-        opened = self._open.setdefault(request.request_id, set())
-        opened.update(request.positions)
+        opened = self.open_request(request)
         cut = None  # a full-attention chunk here did not fit: nothing at or past it can hit
         for i in wanted:
             cand = batch[i]
@@ -128,6 +127,14 @@ class Capacity:
             opened.add(cand.key)
             plan.admitted.append(cand)
         return plan
+
+    def open_request(self, request: RequestView) -> set[bytes]:
+        """``request`` is storing: until ``request_finished`` its chunks are never chosen
+        as victims (``plan_store`` opens it too; a caller that may evict before it calls
+        ``plan_store``, e.g. for the fleet, opens it first). Returns its protected keys."""
+        opened = self._open.setdefault(request.request_id, set())
+        opened.update(request.positions)
+        return opened
 
     def commit(self, key: bytes, *, size: int, position: int,
                parent: bytes | None, mtime_ns: int = 0) -> list[bytes]:

@@ -106,7 +106,7 @@ def test_manager_uses_the_prompt_length_for_chunk_aligned_repeats(tmp_path):
     untold = make_manager(tmp_path / "untold", layout)
     assert offer(untold, "r") == {0: True, 1: False}
     told.on_request_finished(ReqContext(req_id="r"))
-    assert "r" not in told._prompt_tokens
+    assert told.cache.prompt_tokens("r") is None  # forgotten with the request
 
 
 def test_a_spare_chunk_replaces_far_spare_ones_never_a_checkpoint():

@@ -69,7 +69,7 @@ def test_three_engines_share_one_budget(model_dir, tmp_path, monkeypatch):
     layout = managers[0].layout
     per_chunk_all_groups = sum(g.chunk_bytes + 4096 for g in layout.groups)
     batch = (BATCH_TOKENS // 16 + 1) * per_chunk_all_groups  # one prepare_store, at most
-    allowance = managers[0].fleet.allowance(batch, members=3)
+    allowance = managers[0].cache.fleet.member.allowance(batch, members=3)
     assert allowance < BUDGET
 
     shared = [H.token_ids(100 + i, 160) for i in range(4)]  # prefixes several engines reuse
@@ -92,7 +92,7 @@ def test_three_engines_share_one_budget(model_dir, tmp_path, monkeypatch):
 
     assert peak <= BUDGET, "a local filesystem sees every rename: no overshoot at all"
     assert peak > BUDGET * 0.7, "the budget was never under pressure: the test proves nothing"
-    holders = [m for m in managers if m.fleet.holder]
+    holders = [m for m in managers if m.cache.fleet.holder]
     assert len(holders) <= 1
     evicted = sum(m.counters.get("chunks_evicted") for m in managers)
     assert evicted > 0
@@ -105,9 +105,9 @@ def test_three_engines_share_one_budget(model_dir, tmp_path, monkeypatch):
 
     # a file another engine deleted is a miss, never an error (a non-holder: it never
     # lists the directory, so only the stat before a HIT can notice)
-    m = next(m for m in managers if not m.fleet.holder)
+    m = next(m for m in managers if not m.cache.fleet.holder)
     victim = next(e.key for e in m.index if m.store.exists(e.key))
-    m._fleet_confirmed.clear()
+    m.cache.presence.forget([victim])  # no earlier stat of it is trusted
     os.unlink(m.store.path(victim))
     from vllm.v1.kv_offload.base import LookupResult
 
@@ -116,7 +116,7 @@ def test_three_engines_share_one_budget(model_dir, tmp_path, monkeypatch):
     assert m.counters.get("fleet_vanished", key_group(victim)) == 1
     for eng in engines:
         eng.shutdown()
-    assert not (m.fleet.dir / "lease.json").exists()  # released on clean shutdown
+    assert not (m.cache.fleet.member.dir / "lease.json").exists()  # released on clean shutdown
 
 
 def test_file_deleted_between_hit_and_load_is_recomputed(model_dir, tmp_path):

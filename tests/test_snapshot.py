@@ -12,7 +12,6 @@ import logging
 import os
 import struct
 import tempfile
-import time
 from pathlib import Path
 
 import msgspec
@@ -526,14 +525,21 @@ def test_manager_with_snapshots_off_scans_and_writes_none(tmp_path, monkeypatch)
 
 
 def test_manager_writes_snapshots_periodically(tmp_path):
+    from hybridkv.vllm.manager import HybridKVManager
+
     store, keys = make_store(tmp_path, 2)
-    mgr = manager(store, snapshot_interval=0.05)
+    now = [1000.0]
+    mgr = HybridKVManager(store, HybridKVConfig(cache_dir=str(store.paths.cache_dir),
+                                                snapshot_interval=60.0, refresh_interval=0),
+                          clock=lambda: now[0])
     assert not store.paths.snapshot().exists()
+    now[0] += 59.9
     list(mgr.take_events())  # not due yet
+    mgr.cache.wait_for_snapshot()
     assert not store.paths.snapshot().exists()
-    time.sleep(0.06)
-    list(mgr.take_events())
-    mgr._snapshots.wait()
+    now[0] += 0.1
+    list(mgr.take_events())  # due: written in the background
+    mgr.cache.wait_for_snapshot()
     assert {r.key for r in read_snapshot(store).records} == set(keys)
 
 

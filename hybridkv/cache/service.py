@@ -1,0 +1,333 @@
+"""``CacheService``: one engine's cache of chunk files for one layout directory and rank.
+
+The vLLM-free core every adapter drives (``hybridkv.vllm.manager`` today). It owns
+the store, the index, ``Capacity`` and its policy, the index snapshot, the refresh
+of other engines' files and the fleet budget, and speaks in chunk keys only.
+
+Invariants:
+- ``lookup`` is True only for keys whose file is complete: in the index (and,
+  where ``Presence`` says so, confirmed on disk) or found on disk by a refresh
+  after a miss (another engine's store).
+- Keys passed to ``load_started`` are pinned until ``load_done``; eviction never
+  removes a pinned key. A key whose load failed verification (its file was
+  quarantined) leaves the index at ``load_done``.
+- ``plan_stores`` never admits a key that is stored or being stored (dedup, also
+  against another engine's file); admission, eviction and the budget are
+  ``Capacity``'s (the code the simulator runs); with the fleet on, every admitted
+  store also fits the fleet's budget.
+- Every key that leaves the index has its file deleted here (``drop``), is counted
+  once by cause, and is reported once to ``on_change(keys, removed=True)``; every
+  completed store is reported once to ``on_change(keys, removed=False)``.
+- All time comes from ``clock`` (time-to-lives, snapshot intervals) and
+  ``wall_clock`` (the fleet's leases and heartbeats, compared across hosts); the
+  fleet's directory listings run on ``executor`` (a thread of its own by default).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Executor
+
+from hybridkv.cache.fleet_sync import FleetSync
+from hybridkv.cache.presence import Presence, Verdict
+from hybridkv.capacity import Capacity, StorePlan
+from hybridkv.chunks import ChunkRecord
+from hybridkv.config import HybridKVConfig
+from hybridkv.index import ChunkIndex
+from hybridkv.keys import key_group
+from hybridkv.policies import Candidate, CapacityPolicy, LRUPolicy, RequestView
+from hybridkv.stats import Counters
+from hybridkv.store.chunk_store import ChunkStore
+from hybridkv.store.format import ChunkError
+from hybridkv.store.snapshot import SnapshotWriter, restore
+
+__all__ = ["CacheService", "HEADER_ALLOWANCE", "OnChange"]
+
+log = logging.getLogger(__name__)
+
+#: bytes a chunk file adds on top of its payload (safetensors + JSON header), an upper bound
+HEADER_ALLOWANCE = 4096
+
+#: ``on_change(keys, removed)``: keys stored (False) or removed (True) on disk
+OnChange = Callable[[list[bytes], bool], None]
+
+
+class CacheService:
+    def __init__(self, store: ChunkStore, config: HybridKVConfig, *,
+                 policy: CapacityPolicy | None = None, counters: Counters | None = None,
+                 on_change: OnChange | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time,
+                 executor: Executor | None = None):
+        self.store = store
+        self.layout = store.layout
+        self.config = config
+        self.counters = counters or Counters(None, "manager")
+        self.on_change = on_change
+        self.clock = clock
+        self.chunk_tokens = {g.index: g.chunk_tokens for g in self.layout.groups}
+        # lookups since the last fold, and of those HITs, by the key's last byte (the low
+        # byte of the group index: groups g and g + 256 would be counted together)
+        self._looked_up = [0] * 256
+        self._found = [0] * 256
+        self._prompt_tokens: dict[str, int] = {}  # request id -> prompt length
+        #: seconds each phase of the start took (``benchmarks/restart.py`` reports them)
+        self.startup_seconds: dict[str, float] = {}
+        started = time.perf_counter()
+        self.index = ChunkIndex()
+        self.presence = Presence(store, config.refresh_interval,
+                                 stored_can_vanish=config.fleet_enabled, clock=clock)
+        removed_tmp = self._restore_index()
+        mark = time.perf_counter()
+        self.capacity = Capacity(self.index, policy or LRUPolicy(), config.disk_budget,
+                                 headroom=config.eviction_headroom)
+        self.capacity.orphans = set()  # ``drop`` counts them as their own cause
+        self.startup_seconds["capacity"] = time.perf_counter() - mark
+        self.counters.add("startup_chunks", len(self.index))
+        self.counters.add("startup_tmp_removed", removed_tmp)
+        log.info("hybridkv: %d chunks (%.1f MiB) found in %s in %.2fs; %d stale temp files "
+                 "removed; eviction policy %s", len(self.index),
+                 self.index.bytes_stored / 2**20, store.paths.layout_dir,
+                 time.perf_counter() - started, removed_tmp, self.capacity.policy.name)
+        mark = time.perf_counter()
+        self.fleet: FleetSync | None = None
+        if config.fleet_enabled:
+            self.fleet = FleetSync(store, self.index, self.capacity, config, self.counters,
+                                   self.drop, clock=wall_clock, executor=executor)
+        self.drop(self.capacity.enforce())
+        self.counters.flush(force=True)
+        self.startup_seconds["fleet_enforce_flush"] = time.perf_counter() - mark
+        self.startup_seconds["total"] = time.perf_counter() - started
+
+    @property
+    def policy(self) -> CapacityPolicy:
+        return self.capacity.policy
+
+    # ------------------------------------------------------------------ lookups
+    def lookup(self, key: bytes) -> bool:
+        """Is ``key``'s file there to load? The scheduler's hot path: one index probe
+        unless a disk check is due (``Presence``)."""
+        self._looked_up[key[-1]] += 1
+        if self.fleet is not None:
+            self.fleet.tick()
+        index = self.index
+        if index.is_stored(key):
+            presence = self.presence
+            if presence.stored_can_vanish or presence.unchecked:
+                entry = index.get(key)
+                verdict, record = presence.check(key, entry.size, entry.mtime_ns,
+                                                 entry.position, entry.parent)
+                if verdict is not Verdict.PRESENT and not self._apply(key, verdict, record):
+                    return False
+        elif not self._refresh(key):
+            return False
+        self._found[key[-1]] += 1
+        return True
+
+    def _apply(self, key: bytes, verdict: Verdict, record: ChunkRecord | None) -> bool:
+        """Act on a stored key's disk check; True if it may still HIT."""
+        group = key_group(key)
+        if verdict is Verdict.CHANGED:  # rewritten since the snapshot: index what is there now
+            self.index.remove(key)
+            self.index.load([record])
+            self.counters.add("restored_chunks_changed", 1, group)
+            return True
+        # gone: forget it, with its orphans (pinned keys stay), as after a failed load
+        self.drop(self.capacity.remove([key]), "gone")
+        self.counters.add("restored_chunks_gone" if verdict is Verdict.RESTORED_GONE
+                          else "fleet_vanished", 1, group)
+        return False
+
+    def _refresh(self, key: bytes, *, now_or_never: bool = False) -> bool:
+        """Pick up a chunk another engine stored (``Presence.look_for``)."""
+        if self.index.is_pending(key):
+            return False
+        record = self.presence.look_for(key, now_or_never=now_or_never)
+        if record is None:
+            return False
+        self.index.load([record])
+        self.counters.add("refresh_found", 1, record.group)
+        return True
+
+    # ------------------------------------------------------------------ loads
+    def load_started(self, keys: Collection[bytes]) -> None:
+        """Pin ``keys`` for a load (they were just looked up)."""
+        for key in keys:
+            self.counters.add("chunks_load_prepared", 1, key_group(key))
+        self.capacity.load(list(keys))
+
+    def touch(self, keys: Collection[bytes]) -> None:
+        for key in keys:
+            self.index.touch(key)
+
+    def load_done(self, keys: Collection[bytes]) -> None:
+        """Unpin; forget keys whose load failed verification (their file is quarantined)."""
+        keys = list(keys)
+        self.capacity.load_done(keys)  # first: a dropped chunk's orphans may be among these keys
+        for key in keys:
+            if key in self.index and not self.store.exists(key):
+                self.drop(self.capacity.remove([key]), "failed_verification")
+                self.counters.add("chunks_dropped_after_failed_load", 1, key_group(key))
+        self.fold_lookups()
+        self.counters.flush()
+
+    # ------------------------------------------------------------------ stores
+    def plan_stores(self, keys: Collection[bytes], positions: Mapping[bytes, int],
+                    request_id: str) -> StorePlan:
+        """Which of ``keys`` to store now, in the caller's order (``plan.admitted``), and
+        what was evicted for them (``plan.evicted``, files already deleted).
+
+        ``positions``: every key of the request -> its chunk's first token position.
+        """
+        request = RequestView(request_id, positions, self.prompt_tokens(request_id))
+        if self.fleet is not None:
+            self.capacity.open_request(request)  # the fleet may evict now: not under it
+            self.fleet.tick()
+        by_position = {(key_group(k), p): k for k, p in positions.items()}
+        batch: list[Candidate] = []
+        for key in keys:
+            if key in self.index or self.index.is_pending(key):
+                continue
+            if self.store.exists(key) and self._refresh(key, now_or_never=True):
+                continue  # another engine stored it: dedup
+            group = key_group(key)
+            position = positions.get(key, 0)
+            batch.append(Candidate(
+                key, group, position, self.layout.group(group).chunk_bytes + HEADER_ALLOWANCE,
+                by_position.get((group, position - self.chunk_tokens[group]))))
+        plan = self.capacity.offer(batch, request)
+        # delete first: the fleet's admission may sync, and a listing must not find (and
+        # index again) the files of chunks just evicted
+        self.drop(plan.evicted)
+        if self.fleet is not None:
+            self.fleet.admit(plan)
+        for cand in plan.rejected:
+            self.counters.add("stores_not_admitted", 1, cand.group)
+        for cand in plan.skipped:
+            self.counters.add("stores_skipped_budget", 1, cand.group)
+        admitted = {c.key for c in plan.admitted}
+        plan.admitted = [c for c in batch if c.key in admitted]  # the caller's order
+        return plan
+
+    def store_done(self, keys: Collection[bytes]) -> list[ChunkRecord]:
+        """Stores of ``keys`` ended (written or not): index what is complete on disk.
+
+        Returns the records of the chunks stored; a store that left no usable file is
+        counted as failed and its reservation released.
+        """
+        stored: list[ChunkRecord] = []
+        evicted: list[bytes] = []
+        for key in keys:
+            if not self.index.is_pending(key):
+                continue
+            if self.fleet is not None:
+                self.fleet.store_done(key)
+            group = key_group(key)
+            try:
+                record = self.store.describe(key)
+            except (OSError, ChunkError, ValueError):
+                self.capacity.abort(key)
+                self.counters.add("stores_failed", 1, group)
+                continue
+            evicted += self.capacity.commit(key, size=record.size, position=record.position,
+                                            parent=record.parent, mtime_ns=record.mtime_ns)
+            self.counters.add("chunks_stored", 1, group)
+            self.counters.add("bytes_stored", record.size, group)
+            stored.append(record)
+        if stored and self.on_change is not None:
+            self.on_change([r.key for r in stored], False)
+        self.drop(evicted)
+        self.fold_lookups()
+        self.counters.flush()
+        self.maintain()
+        return stored
+
+    def note_prompt_tokens(self, request_id: str, num_tokens: int) -> None:
+        """The prompt length of a request, before its stores (hit points of the policy)."""
+        self._prompt_tokens[request_id] = num_tokens
+
+    def prompt_tokens(self, request_id: str) -> int | None:
+        """The prompt length told for an open request (None: not told, or finished)."""
+        return self._prompt_tokens.get(request_id)
+
+    def request_finished(self, request_id: str) -> None:
+        self.capacity.request_finished(request_id)
+        self._prompt_tokens.pop(request_id, None)
+
+    # ------------------------------------------------------------------ removal
+    def drop(self, keys: list[bytes], cause: str = "budget") -> None:
+        """Delete the files of keys already removed from the index.
+
+        ``cause`` (counted per group as ``chunks_evicted_<cause>``): budget, orphan (the
+        capacity layer took the key along with another), failed_verification, gone, reset.
+        """
+        if self.fleet is not None:
+            self.fleet.unlink(keys)
+        else:
+            for key in keys:
+                self.store.delete(key)
+        self.presence.forget(keys)
+        orphans = self.capacity.orphans
+        for key in keys:
+            group = key_group(key)
+            self.counters.add("chunks_evicted", 1, group)
+            self.counters.add(f"chunks_evicted_{'orphan' if key in orphans else cause}",
+                              1, group)
+        orphans.clear()
+        if keys and self.on_change is not None:
+            self.on_change(keys, True)
+
+    def reset(self) -> None:
+        """Forget (and delete) every unpinned chunk of this layout."""
+        self.drop(self.capacity.remove([e.key for e in list(self.index)]), "reset")
+
+    # ------------------------------------------------------------------ upkeep
+    def maintain(self) -> None:
+        """Periodic work the caller's thread owes: start a snapshot when one is due."""
+        if self._snapshots is not None and self._snapshots.due():
+            self._snapshots.start(self.index.records())
+
+    def fold_lookups(self) -> None:
+        """Move the lookup tallies into the counters, as tokens per group."""
+        if not any(self._looked_up):
+            return
+        for name, tally in (("lookup_tokens", self._looked_up),
+                            ("lookup_hit_tokens", self._found)):
+            for group, tokens in self.chunk_tokens.items():
+                n, tally[group & 0xFF] = tally[group & 0xFF], 0
+                if n:
+                    self.counters.add(name, n * tokens, group)
+
+    def close(self) -> None:
+        """Leave the fleet, write the last snapshot, flush the counters."""
+        if self.fleet is not None:
+            self.fleet.close()
+        if self._snapshots is not None:
+            self._snapshots.write(self.index.records())
+        self.fold_lookups()
+        self.counters.flush(force=True)
+
+    def wait_for_snapshot(self) -> None:
+        """Block until a snapshot being written in the background is on disk."""
+        if self._snapshots is not None:
+            self._snapshots.wait()
+
+    # ------------------------------------------------------------------ start
+    def _restore_index(self) -> int:
+        """Fill the index from the snapshot checked against the directory, else a full scan;
+        remove stale temp files on the way. Returns how many temp files were removed."""
+        interval = self.config.snapshot_interval
+        self._snapshots = (SnapshotWriter(self.store, interval, clock=self.clock)
+                           if interval > 0 else None)
+        t0 = time.perf_counter()
+        restored = restore(self.store, use_snapshot=interval > 0, clean_temp=True)
+        t1 = time.perf_counter()
+        self.index.load(restored.records, by_mtime=False)
+        t2 = time.perf_counter()
+        self.startup_seconds.update(restore=t1 - t0, index_load=t2 - t1)
+        self.startup_seconds.update({f"restore.{k}": v for k, v in restored.phases.items()})
+        self.counters.add("startup_from_snapshot", int(restored.source == "snapshot"))
+        self.presence.unchecked = restored.unchecked
+        return restored.tmp_removed
