@@ -36,7 +36,12 @@ Invariants (checked after every rule, and around every manager call):
 
 Runs are deterministic (Hypothesis replays a failure exactly): every file gets
 its own mtime in write order (a restart rebuilds recency from mtimes, which
-tick in jiffies), and every lookup miss re-checks the disk (no timed refresh).
+tick in jiffies), every lookup miss re-checks the disk (no timed refresh), and
+the service runs on a clock only the ``wait`` rule advances.
+
+The fleet variant (``fleet="on"``, one engine) drives the same rules through the
+fleet's lease, grants and directory syncs (listings run inline), so files deleted
+behind the index's back are also found by a sync or by the stat before a HIT.
 
 Hand-built cases live beside this file: ``test_capacity_admission.py``,
 ``test_capacity_eviction.py``, ``test_capacity_policies.py``; shared helpers in
@@ -48,6 +53,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +80,8 @@ from hybridkv.policies import make_policy
 from hybridkv.store.chunk_store import ChunkStore
 from hybridkv.store.format import ChunkMissing
 from hybridkv.store.paths import CHUNK_SUFFIX
-from hybridkv.vllm.manager import HEADER_ALLOWANCE, HybridKVManager
+from hybridkv.cache import HEADER_ALLOWANCE
+from hybridkv.vllm.manager import HybridKVManager
 
 from capacity_helpers import (
     C,
@@ -131,12 +138,26 @@ class Req:
         return {k for ks in self.keys.values() for k in ks}
 
 
+class InlineExecutor(Executor):
+    """Runs each job at submit: the fleet's directory listings become deterministic."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, as a pool would
+            future.set_exception(exc)
+        return future
+
+
 # ---------------------------------------------------------------------- the machine
 class CapacityMachine(RuleBasedStateMachine):
     LAYOUT: HybridLayout = LAYOUTS["full+state"]
     POLICY: str = "group_aware"
     #: seconds between re-checks of a missed key on disk; tiny: every miss stats the file
     REFRESH: float = 1e-9
+    #: one disk budget for the directory through the fleet (lease, grants, syncs)
+    FLEET: bool = False
     #: per test run: how often the interesting things happened (the test is not vacuous)
     seen: dict[str, int] = {}
 
@@ -155,13 +176,16 @@ class CapacityMachine(RuleBasedStateMachine):
         self.n = 0
         self.writes = 0
         self.fresh = 3  # chunk ids >= 3 start prefixes no other request shares
+        self.now = 1_000_000.0  # the service's clock (monotonic and wall): ``wait`` moves it
         self._keys_cache: dict[tuple[int, ...], dict[int, list[bytes]]] = {}
 
     # ------------------------------------------------------------------ setup
     def _new_manager(self) -> HybridKVManager:
         store = ChunkStore(self.dir, self.layout)
         store.ensure_dirs()
-        return HybridKVManager(store, self.config, policy=make_policy(self.POLICY, self.layout))
+        clock = lambda: self.now  # noqa: E731
+        return HybridKVManager(store, self.config, policy=make_policy(self.POLICY, self.layout),
+                               clock=clock, wall_clock=clock, executor=InlineExecutor())
 
     @initialize(budget_chunks=st.integers(3, 32))
     def setup(self, budget_chunks: int) -> None:
@@ -169,7 +193,8 @@ class CapacityMachine(RuleBasedStateMachine):
         self.budget = budget_chunks * (fa.chunk_bytes + HEADER_ALLOWANCE)
         self.config = HybridKVConfig(cache_dir=self.dir, disk_budget=self.budget,
                                      eviction_policy=self.POLICY,
-                                     refresh_interval=self.REFRESH)
+                                     refresh_interval=self.REFRESH, snapshot_interval=0,
+                                     fleet="on" if self.FLEET else "off")
         self.manager = self._new_manager()
 
     def teardown(self) -> None:
@@ -232,8 +257,13 @@ class CapacityMachine(RuleBasedStateMachine):
         # "chunks of open requests are never chosen as victims"). Not for watermark:
         # its cleaner (Capacity.enforce -> policy.cleanup, like llm-d's) does not know
         # requests and may delete the chunk a request committed a moment ago.
+        # A chunk whose file vanished (or that depends on one) is dead and may go: the
+        # fleet's sync and the stat before a HIT find those.
         if self.POLICY != "watermark":
-            assert not removed & storing, f"{what}: evicted a chunk of the storing request"
+            dead = {k for k in removed & storing
+                    if k in self.deleted or self._deps(k) & self.deleted}
+            assert not (removed & storing) - dead, \
+                f"{what}: evicted a chunk of the storing request"
         # 3. no reachable chunk depends on an evicted one (group_aware only: lru may
         # strand chunks, that is the comparison). A chunk stranded before the call is
         # dead, not reachable, and not checked: a failed write left a hole in its
@@ -242,10 +272,11 @@ class CapacityMachine(RuleBasedStateMachine):
         # there still fit (plan_store admits by room, group by group). Dead chunks go
         # first when room is needed; they are not reclaimed eagerly.
         if self.POLICY == "group_aware":
+            alive = before - self.deleted  # a chunk whose file vanished serves nothing
             for key in after - stranded_ok:
                 deps = self._deps(key)
                 lost = deps & removed
-                assert not lost or not deps <= before, (
+                assert not lost or not deps <= alive, (
                     f"{what}: {key.hex()[:8]} (group {key_group(key)}, prefix "
                     f"{self.meta[key][0]}) was reachable and stays stored, but chunk(s) it "
                     f"depends on were removed: {[self.meta[k][0] for k in lost]}")
@@ -254,6 +285,7 @@ class CapacityMachine(RuleBasedStateMachine):
 
     def _call(self, fn, *args, storing: set[bytes] = frozenset(),
               stranded_ok: set[bytes] = frozenset()):
+        self.now += 0.001  # each call takes a millisecond: no stat is trusted across calls
         before = {e.key for e in self.index}
         out = fn(*args)
         self._check_removal(before, {e.key for e in self.index}, storing=storing,
@@ -273,13 +305,18 @@ class CapacityMachine(RuleBasedStateMachine):
                 self.meta[key] = (ids[:i + 1], gi)
         req = Req(ctx, ids, keys, len(ids) * C + tail)
         # vLLM looks the keys up, then loads the hit every group can serve
-        table = {gi: [self.manager.lookup(k, ctx) is LookupResult.HIT for k in gkeys]
-                 for gi, gkeys in keys.items()}
+        # (a lookup may drop a vanished file's chunk: each is checked like any other call)
+        table = {gi: [self._call(self.manager.lookup, k, ctx) is LookupResult.HIT
+                      for k in gkeys] for gi, gkeys in keys.items()}
         req.hit = servable_tokens(self.groups, lambda g, i: table[g][i], req.num_tokens,
                                   align_tokens=align_of(self.layout))
         req.load = hit_keys(self.layout, keys, req.hit)
-        assert req.hit == servable_tokens(self.groups, lambda g, i: keys[g][i] in self.index,
-                                          req.num_tokens, align_tokens=align_of(self.layout))
+        # (with the fleet a lookup stats the file: a pinned chunk whose file vanished stays
+        # indexed, as pins hold, but is a miss)
+        gone = self.deleted if self.FLEET else set()
+        assert req.hit == servable_tokens(
+            self.groups, lambda g, i: keys[g][i] in self.index and keys[g][i] not in gone,
+            req.num_tokens, align_tokens=align_of(self.layout))
         # 1. every chunk the hit needs is indexed and on disk (or deleted behind our back)
         for key in req.load:
             assert key in self.index, "a hit needs a chunk the index does not hold"
@@ -355,6 +392,7 @@ class CapacityMachine(RuleBasedStateMachine):
             # recency a restart rebuilds from mtimes, hence every run, is deterministic
             os.utime(path, ns=(1_700_000_000_000_000_000 + self.writes * 1_000_000,) * 2)
             self.payloads[key] = arrays
+            self.deleted.discard(key)  # stored again after a delete behind our back
             written.append(key)
         self._call(m.complete_store, out.keys_to_store, ctx, storing=mine)
         for key in failed:
@@ -411,6 +449,8 @@ class CapacityMachine(RuleBasedStateMachine):
     def restart(self):
         self.inflight.clear()  # the engine died with them
         before = {e.key for e in self.index} - self.deleted
+        if self.FLEET:  # a clean stop hands the lease over (a crashed holder's lasts its ttl)
+            self.manager.shutdown()
         self.manager = self._new_manager()
         after = {e.key for e in self.index}
         assert after <= before, "a restart found chunks nobody stored"
@@ -434,6 +474,12 @@ class CapacityMachine(RuleBasedStateMachine):
             assert parent == (make_key(chunk_hash(prefix[:-1]), group) if len(prefix) > 1
                               else None)
         self._count("restarts")
+
+    @rule(seconds=st.sampled_from([0.3, 2.0, 6.0, 40.0]))
+    def wait(self, seconds):
+        """Time passes: trusted stats expire, the fleet's polls, syncs and lease renew."""
+        self.now += seconds
+        self._count("waits")
 
     @rule(data=st.data())
     def external_delete(self, data):
@@ -463,7 +509,11 @@ class CapacityMachine(RuleBasedStateMachine):
         assert on_disk == sum(files.values()) <= self.budget
         # 5. the index is the directory (minus files deleted behind its back)
         assert self.deleted <= keys
-        assert set(files) == keys - self.deleted
+        assert set(files) == keys - self.deleted, (
+            "index and directory differ: files not indexed "
+            f"{[self.meta[k] for k in set(files) - keys]}, indexed without a file "
+            f"{[self.meta[k] for k in keys - self.deleted - set(files)]}; counters "
+            f"{self.manager.counters.snapshot()}")
         for key, size in files.items():
             assert idx.get(key).size == size
         # 1. every hit a seen prompt would get now is servable from files
@@ -497,6 +547,18 @@ def test_capacity_state_machine(layout_name, policy):
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
     seen = machine.seen
     assert seen.get("hits", 0) > 0 and seen.get("removed", 0) > 0, seen
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_capacity_state_machine_with_the_fleet(layout_name):
+    machine = type(f"Fleet_{layout_name.replace('+', '_')}", (CapacityMachine,),
+                   {"LAYOUT": LAYOUTS[layout_name], "FLEET": True, "seen": {}})
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=10, stateful_step_count=25, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+    seen = machine.seen
+    assert seen.get("hits", 0) > 0 and seen.get("removed", 0) > 0, seen
+    assert seen.get("external_deletes", 0) > 0 and seen.get("waits", 0) > 0, seen
 
 
 def test_failed_load_reclaims_the_orphans_it_pinned(tmp_path):
