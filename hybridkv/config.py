@@ -113,9 +113,10 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: seconds between index snapshots (and one at shutdown) for a fast restart (0: none)
     snapshot_interval: Annotated[float, _valid(
         "expected seconds >= 0 (0: no index snapshots)", ge=0, le=_FINITE)] = 300.0
-    #: one budget for every engine on the directory: "off", "on", or "auto" (on when disk_budget is set)
+    #: one budget for every engine on the directory: "auto" (on when disk_budget is set),
+    #: "on", or "off" (each engine keeps its own budget)
     fleet: Annotated[Literal["auto", "on", "off"], _valid(
-        "expected 'auto', 'on' or 'off' (or true/false)")] = "off"
+        "expected 'auto', 'on' or 'off' (or true/false)")] = "auto"
     #: seconds between the lease holder's directory syncs while other engines are alive
     fleet_interval: Annotated[float, _valid(
         "expected seconds in 0.1..3600", ge=0.1, le=3600)] = 5.0
