@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from hybridkv.sim.layouts import SIM_MODELS
 from hybridkv.sim.reference import ReferencePolicy
 from hybridkv.sim.replay import replay, request_keys, working_set_bytes
-from hybridkv.sim.traces import Request, Trace, _Builder
+from hybridkv.sim.trace_builder import Builder
+from hybridkv.sim.traces import Request, Trace
 
 pytestmark = pytest.mark.fast
 
@@ -20,7 +21,7 @@ C = 256  # the simulated chunk
 
 def build(prompts: list[list[tuple[int, int]]], block_tokens: int = 64) -> Trace:
     """A trace of prompts given as (text id, tokens) segments: equal ids mean equal text."""
-    b = _Builder(block_tokens, seed=0)
+    b = Builder(block_tokens, seed=0)
     segments: dict[int, tuple[int, int]] = {}
     for t, prompt in enumerate(prompts):
         segs = [segments.setdefault(sid, b.fresh(n)) for sid, n in prompt]

@@ -45,6 +45,3 @@ __all__ = [
     "prefix_stats",
     "Builder",
 ]
-
-#: the builder's old name here (``tests/test_sim_reference.py`` still imports it)
-_Builder = Builder
