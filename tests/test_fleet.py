@@ -201,8 +201,9 @@ def test_fleet_settings_are_validated_with_the_key_named(tmp_path):
     def parse(**extra):
         return HybridKVConfig.from_extra_config({"cache_dir": str(tmp_path), **extra})
 
-    assert not parse(disk_budget="1GiB").fleet_enabled  # off unless asked
-    assert parse(disk_budget="1GiB", fleet="auto").fleet_enabled  # auto: on with a budget
+    assert parse(disk_budget="1GiB").fleet_enabled  # the default, auto: on with a budget
+    assert parse(disk_budget="1GiB", fleet="auto").fleet_enabled
+    assert not parse().fleet_enabled  # no budget, nothing to share
     assert not parse(fleet="auto").fleet_enabled
     assert not parse(disk_budget="1GiB", fleet=False).fleet_enabled
     assert parse(disk_budget=10, fleet=True, fleet_interval=2, fleet_lease_ttl=30).fleet == "on"
