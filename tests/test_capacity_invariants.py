@@ -79,7 +79,7 @@ from hybridkv.keys import key_from_hex, key_group, make_key
 from hybridkv.policies import make_policy
 from hybridkv.store.chunk_store import ChunkStore
 from hybridkv.store.format import ChunkMissing
-from hybridkv.store.paths import CHUNK_SUFFIX
+from hybridkv.store.file_map import CHUNK_SUFFIX
 from hybridkv.cache import HEADER_ALLOWANCE
 from hybridkv.vllm.manager import HybridKVManager
 
