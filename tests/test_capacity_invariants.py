@@ -537,27 +537,28 @@ class CapacityMachine(RuleBasedStateMachine):
         return got
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("layout_name", list(LAYOUTS))
-def test_capacity_state_machine(layout_name, policy):
-    machine = type(f"Capacity_{layout_name.replace('+', '_')}_{policy}", (CapacityMachine,),
-                   {"LAYOUT": LAYOUTS[layout_name], "POLICY": policy, "seen": {}})
+def run_machine(name: str, **attrs) -> dict[str, int]:
+    """Run a ``CapacityMachine`` variant; returns what happened how often (``seen``)."""
+    machine = type(name, (CapacityMachine,), {**attrs, "seen": {}})
     run_state_machine_as_test(machine, settings=settings(
         max_examples=10, stateful_step_count=25, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
     seen = machine.seen
     assert seen.get("hits", 0) > 0 and seen.get("removed", 0) > 0, seen
+    return seen
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_capacity_state_machine(layout_name, policy):
+    run_machine(f"Capacity_{layout_name.replace('+', '_')}_{policy}",
+                LAYOUT=LAYOUTS[layout_name], POLICY=policy)
 
 
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
 def test_capacity_state_machine_with_the_fleet(layout_name):
-    machine = type(f"Fleet_{layout_name.replace('+', '_')}", (CapacityMachine,),
-                   {"LAYOUT": LAYOUTS[layout_name], "FLEET": True, "seen": {}})
-    run_state_machine_as_test(machine, settings=settings(
-        max_examples=10, stateful_step_count=25, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
-    seen = machine.seen
-    assert seen.get("hits", 0) > 0 and seen.get("removed", 0) > 0, seen
+    seen = run_machine(f"Fleet_{layout_name.replace('+', '_')}",
+                       LAYOUT=LAYOUTS[layout_name], FLEET=True)
     assert seen.get("external_deletes", 0) > 0 and seen.get("waits", 0) > 0, seen
 
 
