@@ -57,27 +57,17 @@ QWEN3_NEXT_BENCH_BLOCK = 384
 #: size vLLM derives itself (attention page >= GDN state page); pass it
 #: explicitly, or in multiprocess mode the engine-core scheduler keeps 128 for
 #: its Mamba "align" splits and the first prefill stores no 384 checkpoint.
+def _engine(dtype: str, block_size: int, max_model_len: int) -> dict:
+    return dict(dtype=dtype, block_size=block_size, max_model_len=max_model_len,
+                enforce_eager=True, enable_prefix_caching=True)
+
+
 VLLM_ENGINE_KWARGS: dict[str, dict] = {
-    "gemma3": dict(
-        dtype="float32", block_size=128, max_model_len=2048,
-        enforce_eager=True, enable_prefix_caching=True,
-    ),
-    "qwen3_next": dict(
-        dtype="bfloat16", block_size=384, max_model_len=2048,
-        enforce_eager=True, enable_prefix_caching=True,
-    ),
-    "gemma3_large": dict(
-        dtype="float32", block_size=128, max_model_len=2048,
-        enforce_eager=True, enable_prefix_caching=True,
-    ),
-    "gemma3_bench": dict(
-        dtype="float32", block_size=128, max_model_len=16640,
-        enforce_eager=True, enable_prefix_caching=True,
-    ),
-    "qwen3_next_bench": dict(
-        dtype="bfloat16", block_size=QWEN3_NEXT_BENCH_BLOCK, max_model_len=16640,
-        enforce_eager=True, enable_prefix_caching=True,
-    ),
+    "gemma3": _engine("float32", 128, 2048),
+    "qwen3_next": _engine("bfloat16", 384, 2048),
+    "gemma3_large": _engine("float32", 128, 2048),
+    "gemma3_bench": _engine("float32", 128, 16640),
+    "qwen3_next_bench": _engine("bfloat16", QWEN3_NEXT_BENCH_BLOCK, 16640),
 }
 
 # Gemma3: 4 sliding + 2 full layers; window (256) > vLLM CPU block (128).
