@@ -554,3 +554,56 @@ class Engine:
 
 def token_ids(seed: int, n: int) -> list[int]:
     return np.random.default_rng(seed).integers(10, 1000, size=n).tolist()
+
+
+# ---------------------------------------------------------------- shared scenario
+# the prompts, first run and hit oracle of the scheduler-level tests (test_scheduler_harness,
+# test_compat, test_integrity: they live in different test directories)
+PREFIX = token_ids(1, 200)
+PROMPTS = {
+    "a": PREFIX + token_ids(2, 70),   # shares 200 tokens with b
+    "b": PREFIX + token_ids(3, 45),
+    "c": token_ids(4, 150),
+}
+
+
+def first_run(make):
+    """All prompts at once: b can reuse a's prefix from HBM; stores are deduplicated."""
+    e = make()
+    for req_id, prompt in PROMPTS.items():
+        e.add(req_id, prompt)
+    e.run()
+    e.shutdown()
+    return e
+
+
+def oracle_hit(e: Engine, prompt: list[int]) -> int:
+    """The longest prefix every group can serve from the files on disk.
+
+    Full attention: every chunk before the hit point; sliding window: the
+    chunks covering the window before it; Mamba: the one state chunk ending
+    exactly at it. The last prompt token is always recomputed.
+    """
+    chunk = {g.gid: g.block_size * e.blocks_per_chunk for g in e.groups}
+    step = max(chunk.values())
+    best = 0
+    for end in range(step, len(prompt), step):
+        ok = True
+        for g in e.groups:
+            c = chunk[g.gid]
+            if g.kind == "full":
+                ends = range(c, end + 1, c)
+            elif g.kind == "sliding":
+                first = max(0, end - g.window + 1) // c
+                ends = range((first + 1) * c, end + 1, c)
+            else:
+                ends = [end]
+            ok = ok and all(e.chunk_path(prompt, g.gid, x).exists() for x in ends)
+        if ok:
+            best = end
+    return best
+
+
+def jamba_specs(mamba=mamba1):
+    block = hybrid_block_size(mamba(16))
+    return jamba_layers(block, mamba=mamba), block

@@ -17,14 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from test_scheduler_harness import (  # noqa: F401 (model_dir: the shared fixture)
-    PROMPTS,
-    engine,
-    first_run,
-    jamba_specs,
-    model_dir,
-    oracle_hit,
-)
+from harness import PROMPTS, first_run, jamba_specs, oracle_hit
+from test_scheduler_harness import engine, model_dir  # noqa: F401 (model_dir: the shared fixture)
 
 pytestmark = pytest.mark.fast
 

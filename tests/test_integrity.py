@@ -202,7 +202,7 @@ def test_scheduler_level_key_and_direct_mode_serve_hits_and_refuse_a_planted_chu
     refused at load: the request is recomputed, never fed the planted bytes."""
     pytest.importorskip("vllm")
     import harness as H
-    from test_scheduler_harness import PROMPTS, first_run, jamba_specs, oracle_hit
+    from harness import PROMPTS, first_run, jamba_specs, oracle_hit
 
     key_file = tmp_path / "cache.key"
     key_file.write_bytes(KEY)

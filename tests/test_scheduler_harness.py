@@ -18,15 +18,9 @@ import os
 import pytest
 
 import harness as H
+from harness import PROMPTS, first_run, jamba_specs, oracle_hit
 
 pytestmark = pytest.mark.fast
-
-PREFIX = H.token_ids(1, 200)
-PROMPTS = {
-    "a": PREFIX + H.token_ids(2, 70),   # shares 200 tokens with b
-    "b": PREFIX + H.token_ids(3, 45),
-    "c": H.token_ids(4, 150),
-}
 
 
 @pytest.fixture(scope="module")
@@ -41,45 +35,8 @@ def engine(model_dir, cache_dir, specs, *, block_size, retention_interval=None, 
     return H.Engine(config, specs)
 
 
-def first_run(make):
-    """All prompts at once: b can reuse a's prefix from HBM; stores are deduplicated."""
-    e = make()
-    for req_id, prompt in PROMPTS.items():
-        e.add(req_id, prompt)
-    e.run()
-    e.shutdown()
-    return e
-
-
 def chunk_files(cache_dir) -> int:
     return sum(f.endswith(".safetensors") for _, _, fs in os.walk(cache_dir) for f in fs)
-
-
-def oracle_hit(e: H.Engine, prompt: list[int]) -> int:
-    """The longest prefix every group can serve from the files on disk.
-
-    Full attention: every chunk before the hit point; sliding window: the
-    chunks covering the window before it; Mamba: the one state chunk ending
-    exactly at it. The last prompt token is always recomputed.
-    """
-    chunk = {g.gid: g.block_size * e.blocks_per_chunk for g in e.groups}
-    step = max(chunk.values())
-    best = 0
-    for end in range(step, len(prompt), step):
-        ok = True
-        for g in e.groups:
-            c = chunk[g.gid]
-            if g.kind == "full":
-                ends = range(c, end + 1, c)
-            elif g.kind == "sliding":
-                first = max(0, end - g.window + 1) // c
-                ends = range((first + 1) * c, end + 1, c)
-            else:
-                ends = [end]
-            ok = ok and all(e.chunk_path(prompt, g.gid, x).exists() for x in ends)
-        if ok:
-            best = end
-    return best
 
 
 def restart_and_check(make, *, expect_hits=None, must_hit=tuple(PROMPTS)):
@@ -113,11 +70,6 @@ def restart_and_check(make, *, expect_hits=None, must_hit=tuple(PROMPTS)):
 
 
 # ------------------------------------------------------------------ Jamba-style
-def jamba_specs(mamba=H.mamba1):
-    block = H.hybrid_block_size(mamba(16))
-    return H.jamba_layers(block, mamba=mamba), block
-
-
 def test_jamba_restart_restores_attention_and_every_mamba_group(model_dir, tmp_path):
     specs, block = jamba_specs()
     assert block == 32  # the attention block is raised so a page holds a Mamba state
