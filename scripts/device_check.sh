@@ -4,7 +4,7 @@
 # (msgspec for cp312, see below); logs and JSON go to $OUT.
 #   - installs the carried wheels into /tmp/site (only if msgspec is missing)
 #   - nvidia-smi, versions
-#   - python3 -m pytest -q -m gpu tests/test_gpu_pages.py            (~1 min)
+#   - python3 -m pytest -q -m gpu tests/pages/test_gpu_pages.py      (~1 min)
 #   - python3 benchmarks/gpu_transfer.py, full size, bounded           (~2-3 min)
 # Exit status: 0 only if CUDA was seen, the gpu tests passed and the benchmark ran bit-exact.
 # Local dry run (no GPU: tests skip, benchmark on CPU):
@@ -49,8 +49,8 @@ PYEOF
 cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 [ "$cuda" = 1 ] || log "NO CUDA: gpu tests will skip, the benchmark runs on CPU"
 
-log "pytest -m gpu tests/test_gpu_pages.py"
-timeout 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_gpu_pages.py \
+log "pytest -m gpu tests/pages/test_gpu_pages.py"
+timeout 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rA tests/pages/test_gpu_pages.py \
     --junitxml="$OUT/pytest_gpu.xml" >"$OUT/pytest_gpu.log" 2>&1
 rc=$?
 tail -25 "$OUT/pytest_gpu.log"

@@ -9,8 +9,18 @@ markers up, so mark such modules test by test.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# The tests live in subdirectories that mirror the package (tests/store/, tests/cache/, ...);
+# the helper modules they import by name (harness, served, capacity_helpers, pages_helpers,
+# scan_group_aware) stay here in tests/. Put this directory on sys.path so `import harness`
+# works from every subdirectory, whatever the import mode.
+HELPERS = str(Path(__file__).resolve().parent)
+if HELPERS not in sys.path:
+    sys.path.insert(0, HELPERS)
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 

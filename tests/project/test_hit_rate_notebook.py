@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "examples" / "hit_rates.ipynb"
 BENCHMARK = ROOT / "benchmarks" / "hit_rate.py"
 

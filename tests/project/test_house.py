@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.fast
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "hybridkv"
 MAX_PRIVATE_READS = 5
 MAX_LINES = 400

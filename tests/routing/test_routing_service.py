@@ -28,7 +28,7 @@ from hybridkv.routing.server import make_server
 from hybridkv.routing.subscriber import EndpointError, EventSubscriber, check_endpoint
 
 pytestmark = pytest.mark.fast
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HB = 16
 LAYOUT = HybridLayout(model="t", dtype="x", groups=(
     GroupSpec(index=0, kind=GroupKind.FULL, block_tokens=HB, chunk_tokens=HB, layer_names=("f",),

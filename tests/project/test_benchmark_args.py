@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.fast
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 CASES = [
     (["benchmarks/ttft.py", "--models", "llama"], "'llama'"),

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.fast
 
 #: packages that run an engine: they may import vllm and need an engine extra
@@ -190,9 +190,9 @@ def test_the_tests_need_only_what_ci_installs():
     decl = declared(load_pyproject())
     ci = decl.base | decl.extras["cpu"] | decl.extras["dev"] | {"hybridkv"}
     dists = packages_distributions()
-    local = {p.stem for p in (ROOT / "tests").glob("*.py")} | {"tests", "benchmarks"}
+    local = {p.stem for p in (ROOT / "tests").rglob("*.py")} | {"tests", "benchmarks"}
     missing = sorted({f"{imp.module} ({path.name}:{imp.line})"
-                      for path in (ROOT / "tests").glob("*.py")
+                      for path in (ROOT / "tests").rglob("*.py")
                       for imp in imports(path.read_text())
                       if third_party(imp.module, "hybridkv") and imp.module not in local
                       and not providers(imp.module, dists) & ci})

@@ -577,4 +577,5 @@ def test_snapshot_module_imports_no_vllm():
 
     code = ("import sys, hybridkv.store.snapshot; "
             "assert not [m for m in sys.modules if m.startswith('vllm')]")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=Path(__file__).resolve().parents[2])

@@ -61,7 +61,7 @@ def test_quick_benchmark_prints_its_targets(tmp_path):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "routing.json"
     proc = subprocess.run([sys.executable, "benchmarks/routing.py", "--quick", "--out", str(out)],
                           cwd=repo, capture_output=True, text=True, timeout=900)

@@ -22,7 +22,7 @@ from test_scheduler_harness import engine, model_dir  # noqa: F401 (model_dir: t
 
 pytestmark = pytest.mark.fast
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: private vLLM attributes hybridkv used to read; now only compat.py may name one
 PRIVATE = {"_offload_key_positions", "_load_jobs", "_req_status"}
 

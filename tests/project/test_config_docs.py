@@ -17,7 +17,7 @@ import pytest
 
 from hybridkv.config import VLLM_KEYS, ConfigError, HybridKVConfig
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 pytestmark = pytest.mark.fast
 
 

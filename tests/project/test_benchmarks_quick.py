@@ -22,7 +22,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: name -> (script arguments besides --out, timeout in seconds: several times the usual run)
 BENCHMARKS = {
