@@ -26,6 +26,9 @@ from pathlib import Path
 
 from hybridkv import tools
 from hybridkv.stats import read_stats
+from hybridkv.store.file_map import LAYOUT_NAME, read_layout_file
+from hybridkv.store.fileio import FileIO
+from hybridkv.store.format import ChunkError
 
 __all__ = ["main"]
 
@@ -146,10 +149,10 @@ def _stats_dir(cache_dir: str) -> Path | None:
 
 def _group_kinds(stats_dir: Path) -> dict[str, str]:
     try:
-        doc = json.loads((stats_dir.parent / "layout.json").read_text())
-        return {f"g{g['index']}": g["kind"] for g in doc["layout"]["groups"]}
-    except (OSError, ValueError, KeyError):
+        layout = read_layout_file(FileIO(), stats_dir.parent / LAYOUT_NAME).layout
+    except (OSError, ValueError, ChunkError):
         return {}
+    return {f"g{g.index}": g.kind.value for g in layout.groups}
 
 
 def _delta(after: dict, before: dict) -> dict:

@@ -4,7 +4,9 @@ The scheduler process (manager) and each worker process keep their own
 counters; ``read_stats`` sums every file, so a test, the demo or an operator
 sees one total per counter and per group without talking to the engine.
 
-Invariant: a stats file is replaced atomically, so a reader never sees half of it.
+Invariant: a stats file is replaced atomically (``FileIO.write_atomic``), so a reader
+never sees half of it. Both sides go through a ``FileIO`` (the store's, where there is
+one), so a ``FaultyFileIO`` reaches them too.
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ from pathlib import Path
 
 import msgspec
 
+from hybridkv.store.fileio import FileIO
+
 __all__ = ["Counters", "read_stats"]
 
 
 class Counters:
     """Thread-safe ``{scope: {name: int}}``; scope is ``"all"`` or ``"g<group>"``."""
 
-    def __init__(self, stats_dir: Path | None, role: str, *, min_interval: float = 0.0):
+    def __init__(self, stats_dir: Path | None, role: str, *, min_interval: float = 0.0,
+                 io: FileIO | None = None):
+        self.io = io if io is not None else FileIO()
         self._lock = threading.Lock()
         self._data: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._dirty = False
@@ -81,20 +87,18 @@ class Counters:
             self._dirty = False
             self._last_flush = now
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_bytes(body)
-            os.replace(tmp, self.path)
+            self.io.write_atomic(self.path, body)  # creates the directory if needed
         except OSError:
             pass  # statistics must never break serving
 
 
-def read_stats(stats_dir: str | Path) -> dict[str, dict[str, int]]:
-    """Sum of every process's counters in ``stats_dir``."""
+def read_stats(stats_dir: str | Path, io: FileIO | None = None) -> dict[str, dict[str, int]]:
+    """Sum of every process's counters in ``stats_dir`` (read through ``io``)."""
+    io = io if io is not None else FileIO()
     total: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for path in Path(stats_dir).glob("*.json"):
         try:
-            data = msgspec.json.decode(path.read_bytes())
+            data = msgspec.json.decode(io.read_all(path))
         except (OSError, msgspec.DecodeError):
             continue
         for scope, values in data.items():

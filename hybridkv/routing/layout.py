@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from hybridkv.groups import GroupKind, GroupSpec, HybridLayout
+from hybridkv.store.fileio import FileIO
 
 __all__ = ["load_layout", "parse_groups"]
 
@@ -36,7 +37,7 @@ def load_layout(path: str | Path) -> HybridLayout:
                              f"{len(found)}{': ' + ', '.join(str(f.parent.name) for f in found) if found else ''}")
         p = found[0]
     try:
-        return msgspec.json.decode(p.read_bytes(), type=_LayoutFile).layout
+        return msgspec.json.decode(FileIO().read_all(p), type=_LayoutFile).layout
     except FileNotFoundError:
         raise ValueError(f"{p}: no such file or directory") from None
     except (OSError, msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:

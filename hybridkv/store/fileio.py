@@ -16,7 +16,11 @@ Invariants:
   once a filesystem answers EINVAL (tmpfs, overlayfs, some NFS), it uses
   buffered I/O and logs that once. The bytes on disk are the same either way.
 - Every byte hybridkv reads or writes goes through a ``FileIO``: chunks, the
-  snapshot, ``layout.json``, the fleet's lease, usage and state files.
+  snapshot, ``layout.json``, the fleet's lease, usage and state files, the stats
+  files (``hybridkv.stats``) and the integrity key file. Not file contents, so not
+  here: renames that move a file aside (quarantine, a stale lease) and the O_DIRECT
+  probe ``direct.direct_supported``, which asks the filesystem itself (a ``FileIO``
+  would fall back to buffered I/O and hide the answer).
 
 Extension points (no-ops here; ``hybridkv.testing.faults.FaultyFileIO``
 overrides them to inject faults, and nothing in ``FileIO`` asks whether they are

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import msgspec
 
+from hybridkv.store.fileio import FileIO
 from hybridkv.store.format import ChunkHeader, ChunkUntrusted
 
 __all__ = ["IntegrityKeyError", "MIN_KEY_BYTES", "TAG_HEX_CHARS", "Tagger", "load_key"]
@@ -38,8 +39,8 @@ class IntegrityKeyError(ValueError):
     """The integrity key file is unusable; the message names it and the fix."""
 
 
-def load_key(path: str | os.PathLike) -> bytes:
-    """The secret in ``path`` (raw bytes, used as is)."""
+def load_key(path: str | os.PathLike, io: FileIO | None = None) -> bytes:
+    """The secret in ``path`` (raw bytes, used as is), read through ``io``."""
     p = Path(path)
     fix = (f"create it with `head -c 32 /dev/urandom > {p} && chmod 600 {p}` "
            "(the same file on every engine that shares the directory)")
@@ -56,7 +57,7 @@ def load_key(path: str | os.PathLike) -> bytes:
             f"{p} is readable or writable by every user (mode {st.st_mode & 0o777:#o}); "
             f"run `chmod o-rw {p}` (0600 or 0640)")
     try:
-        key = p.read_bytes()
+        key = (io if io is not None else FileIO()).read_all(p)
     except OSError as exc:
         raise IntegrityKeyError(f"cannot read {p}: {exc.strerror}") from None
     if len(key) < MIN_KEY_BYTES:

@@ -33,9 +33,9 @@ Each rule (all fields optional except ``op``)::
 
 ``op`` names the ``FileIO`` extension point (``hybridkv.store.fileio``):
 ``write`` = every file written (``before_write``: chunks, ``layout.json``, the
-index snapshot, the fleet's lease, usage and state files, the start-up write
-probe), ``read`` = every whole-file read (chunk loads in the worker,
-``layout.json``, snapshot and fleet files), ``read_prefix`` = header reads
+index snapshot, the fleet's lease, usage and state files, the stats files, the
+start-up write probe), ``read`` = every whole-file read (chunk loads in the worker,
+``layout.json``, snapshot, fleet and stats files), ``read_prefix`` = header reads
 (scan, refresh, store completion, in the manager), ``makedirs``. ``path``
 matches the final path (``"path": "lease.json"``), never the temp file's.
 Counters of fired faults are per process and restart from zero whenever the

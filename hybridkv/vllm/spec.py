@@ -105,7 +105,7 @@ class HybridKVSpec(OffloadingSpec):
                 self._manager = HybridKVManager(
                     store, self.hkv_config,
                     policy=self._make_policy(),
-                    counters=Counters(store.paths.stats_dir, "manager"),
+                    counters=Counters(store.paths.stats_dir, "manager", io=store.io),
                     emit_events=self.kv_events_config.enable_kv_cache_events,
                     chunk_events=ChunkEvents(self.event_groups),
                 )
@@ -127,7 +127,7 @@ class HybridKVSpec(OffloadingSpec):
         return HybridKVWorker(
             store, kv_caches, self.group_ids, blocks_per_chunk=self.blocks_per_chunk,
             io_threads=self.hkv_config.io_threads,
-            counters=Counters(store.paths.stats_dir, f"worker{rank}"),
+            counters=Counters(store.paths.stats_dir, f"worker{rank}", io=store.io),
         )
 
 
