@@ -1,8 +1,7 @@
 """Actions a session runs between prompts: the fault-injection suite's hands.
 
-A TESTING AID (``hybridkv.testing.session`` hands it to
-``hybridkv.vllm.session.run_session`` when prompts carry ``before`` / ``after``
-lists). It runs in the session's front-end process, which is not the engine
+A TESTING AID (``hybridkv.testing.session.run_scripted_session`` runs it when
+prompts carry ``before`` / ``after`` lists). It runs in the session's front-end process, which is not the engine
 process, so it can damage chunk files, switch faults injected by
 ``FaultInjectingConnector`` (``hybridkv.testing.faults``) or make the cache
 directory read-only while the engine keeps running. Each action is a
