@@ -8,6 +8,6 @@
   prompts and reports tokens, cached tokens and TTFTs (imports vLLM).
 
 Invariant: nothing under ``hybridkv`` imports this package except ``hybridkv.cli``
-and ``hybridkv.testing`` (``tests/test_production_path.py`` checks it), and it
+and ``hybridkv.testing`` (``tests/project/test_production_path.py`` checks it), and it
 imports nothing from ``hybridkv.testing``.
 """

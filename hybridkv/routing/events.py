@@ -6,7 +6,7 @@ msgpack ``KVEventBatch``: an array ``[ts, events, data_parallel_rank]`` (the
 rank is omitted when None). Each event is a map tagged ``"type"``
 (``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared``) whose default
 fields are omitted. The Structs below mirror vLLM 0.32's field names, order,
-defaults and tags exactly; ``tests/test_routing_events.py`` decodes vLLM's own
+defaults and tags exactly; ``tests/routing/test_routing_events.py`` decodes vLLM's own
 encoder output with them (and encodes with them for vLLM's decoder).
 
 Block hashes are ``bytes`` (a full digest) or ``int`` (the digest's low 64

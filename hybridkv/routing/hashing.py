@@ -13,7 +13,7 @@ extra keys this module does not compute: pass their block hashes instead.
 
 Invariant: ``RequestHasher(...).hashes(tokens)[i]`` equals vLLM's
 ``request.block_hashes[i]`` for the same algorithm, seed and block size
-(``tests/test_routing_events.py`` compares them); ``keys`` gives them in the
+(``tests/routing/test_routing_events.py`` compares them); ``keys`` gives them in the
 int form KV events carry (``events.hash_key``).
 """
 

@@ -13,7 +13,7 @@ left, and why:
   0.32 and 0.33. If a later vLLM drops it, ``request_key_positions`` falls
   back to nothing (each chunk is offered without its parent, so admission
   loses its prefix view but stays correct) and ``missing()`` names it, which
-  ``tests/test_compat.py`` turns into a failure.
+  ``tests/vllm_adapter/test_compat.py`` turns into a failure.
 
 Reads hybridkv no longer does (replaced by public API in ``connector.py``):
 the worker's ``_load_jobs`` (job -> request; now taken from the connector

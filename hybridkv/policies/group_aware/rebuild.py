@@ -7,7 +7,7 @@ first); the incremental path takes over from there.
 
 Invariant: after ``rebuild`` every structure of the tracker, lazy values included,
 equals what the incremental upkeep holds after ``settle(full=True)`` on the same
-index (``tests/test_group_aware_incremental.py``).
+index (``tests/policies/test_group_aware_incremental.py``).
 """
 
 from __future__ import annotations
