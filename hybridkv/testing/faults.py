@@ -2,7 +2,7 @@
 
 A TESTING AID, never for production (``hybridkv.testing``: nothing outside it
 imports this module, and no environment variable turns it on). It lets the
-fault-injection suite (``tests/test_faults.py``) produce ENOSPC, EIO, EACCES,
+fault-injection suite (``tests/store/test_faults.py``) produce ENOSPC, EIO, EACCES,
 EROFS, slow or half-written files and files that vanish at load time inside
 real vLLM engine processes, where a test cannot reach the store object.
 
