@@ -1,9 +1,10 @@
 """TEST ORACLE: the group-aware policy as it was before it became incremental.
 
 It recomputes every hit point, count and pool from the whole index on each decision
-(``analyze``: time linear in the stored chunks). ``tests/test_group_aware_incremental.py``
-checks that ``hybridkv.policies.group_aware`` decides exactly as this does; the
-policy overhead benchmark times it for comparison. Not part of the package.
+(``analyze``: time linear in the stored chunks).
+``tests/policies/test_group_aware_incremental.py`` checks that
+``hybridkv.policies.group_aware`` decides exactly as this does; the policy overhead
+benchmark times it for comparison. Not part of the package.
 
 The original module docstring follows.
 
