@@ -87,10 +87,10 @@ def decision_cost(model: SimModel, chunks: int, offers: int, seed: int = 0,
     # what a restarted engine does once, at its first decision: build the hit points
     fresh = make_policy("group_aware", model.layout, cost=model.cost)
     t = time.perf_counter()
-    built = fresh.hit_points(index)  # type: ignore[attr-defined]
+    built = fresh.tracker(index)  # type: ignore[attr-defined]
     build_s = time.perf_counter() - t
     index.unsubscribe(built)  # only timed: it must not follow the offers below
-    policy.hit_points(index)  # type: ignore[attr-defined]
+    policy.tracker(index)  # type: ignore[attr-defined]
     cap = Capacity(index, policy, index.bytes_used, headroom=0.0)
     times, evicted = [], []
     for i in range(offers):

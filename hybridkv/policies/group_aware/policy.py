@@ -110,9 +110,6 @@ class GroupAwarePolicy(CapacityPolicy):
             self._tracker = HitPointTracker(index, self.layout, self.spine, self.cost)
         return self._tracker
 
-    #: the former name of ``tracker`` (``benchmarks/policy_overhead.py`` calls it)
-    hit_points = tracker
-
     # ------------------------------------------------------------------ admission
     def admit(self, batch: Sequence[Candidate], request: RequestView,
               index: ChunkIndex) -> list[Admission]:
