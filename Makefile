@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.hybridkv-installed
 COMPAT_VLLM ?= 0.33.0
 
-.PHONY: setup demo test test-fast bench compat clean
+.PHONY: setup demo test test-fast bench install-check compat clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ bench: setup
 	$(PY) benchmarks/routing.py --out routing.json
 	$(PY) benchmarks/ttft.py --runs-long 2 --out ttft.json
 	$(PY) benchmarks/overhead.py --out overhead.json
+
+# the wheel as a user installs it: only [cpu], a fresh venv, outside the tree (a few minutes)
+install-check: setup
+	bash scripts/install_check.sh
 
 # vLLM 0.33 in its own venv (.venv-compat): the CUDA `vllm` wheel and its CUDA torch (several
 # GB, no GPU needed); runs the scheduler-level tests. Not part of `make test` (too heavy for CI).
