@@ -99,7 +99,7 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         f"expected one of {IO_MODE_CHOICES}")] = "buffered"
     #: file holding a secret: tag every chunk file, serve only correctly tagged ones
     integrity_key_file: Annotated[str, _valid("expected a path", min_length=1)] | None = None
-    #: seconds between directory rescans when a lookup misses (0 disables)
+    #: seconds a look at the disk is trusted (a miss looks again after this; 0: misses never look)
     refresh_interval: Annotated[float, _valid("expected seconds >= 0", ge=0)] = 2.0
     #: capacity policy: "group_aware" | "lru" | "watermark" (see hybridkv.policies)
     eviction_policy: Annotated[str, _valid(
