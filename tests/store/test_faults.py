@@ -236,7 +236,8 @@ def _damage_plan(use_mount: bool) -> list[dict]:
                  "before": [reset], "after": [settle]})
     # ENOSPC on every chunk write (half the bytes reach the temp file first)
     plan.append({"label": "enospc:1", "prompt": seed("enospc"), "before": [
-        mark, {"op": "faults", "rules": [{"op": "write", "errno": "ENOSPC", "partial": True}]}],
+        mark, {"op": "faults", "rules": [{"op": "write", "errno": "ENOSPC", "partial": True,
+                                           "path": ".safetensors"}]}],
         "after": [settle, {"op": "snapshot", "label": "enospc:1"},
                   {"op": "faults", "rules": []}]})
     plan.append({"label": "enospc:2", "prompt": seed("enospc"), "before": [reset],
@@ -245,7 +246,8 @@ def _damage_plan(use_mount: bool) -> list[dict]:
                  "after": [settle]})
     # EACCES on every chunk write
     plan.append({"label": "eacces_write", "prompt": seed("eacces_write"), "before": [
-        mark, {"op": "faults", "rules": [{"op": "write", "errno": "EACCES"}]}],
+        mark, {"op": "faults", "rules": [{"op": "write", "errno": "EACCES",
+                                           "path": ".safetensors"}]}],
         "after": [settle, {"op": "snapshot", "label": "eacces_write"},
                   {"op": "faults", "rules": []}]})
     # the cache directory becomes read-only while the engine runs, then writable again
