@@ -9,31 +9,28 @@ A prompt is a list of token ids, or a dict::
     {"prompt": [ids], "label": "x", "cache_salt": "s"}
 
 Prompts with ``before`` / ``after`` actions are refused: only the test aid
-``python -m hybridkv.testing.session`` runs them (it builds on the pieces here:
-``engine_kwargs``, ``open_engine``, ``generate``, ``close_engine``; this module
-imports nothing from ``hybridkv.testing``).
+``python -m hybridkv.testing.session`` runs them (it builds on the pieces here,
+``engine_kwargs`` and ``generate``, and on the engine lifetime of
+``hybridkv.vllm.offline``; this module imports nothing from ``hybridkv.testing``,
+and no vLLM: ``hybridkv.vllm`` does).
 
-Invariant: when ``close_engine`` returns, the engine's processes have shut down
-(within ``SHUTDOWN_TIMEOUT_S``), so every hybridkv counter file they wrote holds
-its final values.
+Invariant: a report is written only after ``close_engine`` returned, so every
+hybridkv counter file the engine wrote holds its final values.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_MAX_MODEL_LEN", "SHUTDOWN_TIMEOUT_S", "close_engine", "engine_kwargs",
-           "generate", "open_engine", "run_session"]
+from hybridkv.vllm.offline import close_engine, open_engine, sampling_params
+
+__all__ = ["DEFAULT_MAX_MODEL_LEN", "engine_kwargs", "generate", "run_session"]
 
 DEFAULT_MAX_MODEL_LEN = 4096
-#: how long ``close_engine`` lets the engine's processes shut down before vLLM kills them
-SHUTDOWN_TIMEOUT_S = 60.0
 
 
 def engine_kwargs(model: str, cache_dir: str | None, *,
@@ -63,23 +60,6 @@ def session_kwargs(model: str, cache_dir: str | None, *, settings: dict[str, Any
     return kwargs
 
 
-def open_engine(kwargs: dict[str, Any], extra_engine_args: dict[str, Any] | None = None):
-    """``(llm, startup_s)``: a started ``vllm.LLM``."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
-    started = time.perf_counter()
-    llm = LLM(**kwargs, **(extra_engine_args or {}))
-    return llm, time.perf_counter() - started
-
-
-def sampling_params(max_tokens: int):
-    """Greedy, ``max_tokens`` generated whatever the model says (no EOS stop)."""
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-
 def as_spec(entry) -> dict[str, Any]:
     """A prompt entry as a dict (a bare list of token ids is ``{"prompt": ids}``)."""
     return entry if isinstance(entry, dict) else {"prompt": entry}
@@ -105,29 +85,6 @@ def generate(llm, spec: dict[str, Any], params) -> dict[str, Any]:
                   ttft_s=getattr(out.metrics, "first_token_latency", 0.0) or 0.0)
     result["wall_s"] = time.perf_counter() - t0
     return result
-
-
-def close_engine(llm, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
-    """Shut the engine down; return once its processes have exited (or ``timeout`` s passed).
-
-    vLLM's client shutdown sends the engine-core process SIGTERM and joins it; that
-    process shuts its workers down, then its scheduler, and each hybridkv worker and
-    manager writes its counters, forced (``Counters.flush(force=True)``), and the
-    manager its index snapshot, as it shuts down. vLLM's own grace (5 s) can be shorter
-    than that teardown on a loaded CPU (measured on 2 busy cores: the worker exited after
-    3 s and vLLM killed the engine core, still tearing down, at 5 s; given 60 s it exited
-    by itself after 6.3 s), hence ``timeout``.
-    A vLLM without that client method runs the same shutdown (with its own grace) as a
-    finalizer when the caller drops its last reference to ``llm``.
-    """
-    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    shutdown = getattr(client, "shutdown", None)
-    if not callable(shutdown):
-        return
-    if "timeout" in inspect.signature(shutdown).parameters:
-        shutdown(timeout=timeout)
-    else:
-        shutdown()
 
 
 def run_session(model: str, cache_dir: str | None, prompts: list, *,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridkv.demo import session
+from hybridkv.vllm.offline import close_engine, open_engine, sampling_params
 
 __all__ = ["main", "run_scripted_session"]
 
@@ -42,8 +43,8 @@ def run_scripted_session(model: str, cache_dir: str | None, prompts: list, *,
 
         kwargs["kv_transfer_config"] = transfer_config(kwargs["kv_transfer_config"],
                                                        faults=faults_file)
-    llm, startup = session.open_engine(kwargs, extra_engine_args)
-    params = session.sampling_params(max_tokens)
+    llm, startup = open_engine(kwargs, extra_engine_args)
+    params = sampling_params(max_tokens)
     plan = FaultPlan(llm, cache_dir, faults_file=faults_file)
     results = []
     for entry in prompts:
@@ -54,7 +55,7 @@ def run_scripted_session(model: str, cache_dir: str | None, prompts: list, *,
         result["stats"] = plan.own_stats()
         results.append(result)
     report: dict[str, Any] = {"startup_s": startup, "requests": results, "plan": plan.report()}
-    session.close_engine(llm)
+    close_engine(llm)
     del llm
     report["final_stats"] = plan.finish()
     return report

@@ -133,7 +133,7 @@ print(json.dumps({{"loaded": loaded, "failed": failed, "demo_before_cli": demo_b
     assert result["failed"] == {}
     # the adapter really was imported (vLLM is installed here), so the check means something
     assert {"hybridkv.vllm.connector", "hybridkv.vllm.spec", "hybridkv.vllm.manager",
-            "hybridkv.vllm.worker", "hybridkv.demo.session",
+            "hybridkv.vllm.worker", "hybridkv.vllm.offline", "hybridkv.demo.session",
             "hybridkv.cli"} <= set(result["loaded"])
     assert [m for m in result["loaded"] if m.startswith("hybridkv.testing")] == []
     assert result["demo_before_cli"] == []
