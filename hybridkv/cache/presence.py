@@ -8,13 +8,13 @@ Every disk observation made to answer a lookup is trusted for one time-to-live,
 - a key the index lacks (a miss) is looked for on disk at most once per ``ttl``
   per key: that finds what another engine stored (``look_for``);
 - a key restored from the index snapshot is checked once, header and stat against
-  its record, before its first HIT (``check``);
+  its record, before its first HIT (``recheck``);
 - where files can vanish behind the index's back (``stored_can_vanish``: the fleet,
   whose lease holder deletes other engines' chunks), a stored key's file is stat'ed
-  before a HIT at most once per ``ttl`` (``check``).
+  before a HIT at most once per ``ttl`` (``confirm``).
 
 Invariants:
-- ``look_for`` and ``check`` never change the index: they report what the disk says
+- ``look_for``, ``confirm`` and ``recheck`` never change the index: they report what the disk says
   and the caller (``CacheService``) acts on it.
 - An observation is never trusted for longer than ``ttl`` seconds of ``clock``;
   with ``ttl == 0`` every stored HIT that must be confirmed stats again, and misses
@@ -41,12 +41,11 @@ MAX_REMEMBERED = 1_000_000
 
 
 class Verdict(enum.Enum):
-    """What ``Presence.check`` found for a stored key."""
+    """What ``Presence.recheck`` found for a key restored from the snapshot."""
 
-    PRESENT = "present"  # the file is there (as indexed, or as far as a stat can tell)
-    CHANGED = "changed"  # restored from the snapshot, rewritten since: index ``record``
-    RESTORED_GONE = "restored_gone"  # restored from the snapshot, now gone or unusable
-    VANISHED = "vanished"  # deleted behind the index's back (fleet mode)
+    PRESENT = "present"  # the file is as indexed
+    CHANGED = "changed"  # rewritten since the snapshot: index ``record``
+    RESTORED_GONE = "restored_gone"  # gone or unusable
 
 
 class Presence:
@@ -82,24 +81,20 @@ class Presence:
         self._absent.pop(key, None)
         return record
 
-    def check(self, key: bytes, size: int, mtime_ns: int, position: int,
-              parent: bytes | None) -> tuple[Verdict, ChunkRecord | None]:
-        """A stored key about to HIT, indexed with these facts: is its file still there?
+    def recheck(self, key: bytes, size: int, mtime_ns: int, position: int,
+                parent: bytes | None) -> tuple[Verdict, ChunkRecord | None]:
+        """The first HIT of a key in ``unchecked``, indexed with these facts: is its file
+        what the snapshot said? ``(CHANGED, record)``: index ``record`` instead."""
+        self.unchecked.discard(key)
+        same, record = recheck(self.store, key, size, mtime_ns, position=position,
+                               parent=parent)
+        if same:
+            return Verdict.PRESENT, None
+        return (Verdict.CHANGED, record) if record is not None else (Verdict.RESTORED_GONE, None)
 
-        ``(CHANGED, record)``: the file differs from a snapshot's record; index ``record``.
-        """
-        if self.stored_can_vanish and not self._confirm(key):
-            return Verdict.VANISHED, None
-        if self.unchecked and key in self.unchecked:
-            self.unchecked.discard(key)
-            same, record = recheck(self.store, key, size, mtime_ns,
-                                   position=position, parent=parent)
-            if not same:
-                return (Verdict.CHANGED, record) if record is not None else (
-                    Verdict.RESTORED_GONE, None)
-        return Verdict.PRESENT, None
-
-    def _confirm(self, key: bytes) -> bool:
+    def confirm(self, key: bytes) -> bool:
+        """A stored key about to HIT where files can vanish: False if its file is gone
+        (one stat, trusted for ``ttl``; a stat that cannot tell answers True)."""
         now = self.clock()
         last = self._present.get(key)
         if last is not None and now - last < self.ttl:
@@ -119,10 +114,6 @@ class Presence:
         for key in keys:
             self._present.pop(key, None)
             self.unchecked.discard(key)
-
-    def clear_absent(self, key: bytes) -> None:
-        """``key`` is being stored here: the next miss may look again at once."""
-        self._absent.pop(key, None)
 
 
 def _remember(table: dict[bytes, float], key: bytes, now: float) -> None:

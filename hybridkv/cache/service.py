@@ -112,33 +112,37 @@ class CacheService:
         self._looked_up[key[-1]] += 1
         if self.fleet is not None:
             self.fleet.tick()
-        index = self.index
-        if index.is_stored(key):
+        if self.index.is_stored(key):
             presence = self.presence
-            if presence.stored_can_vanish or presence.unchecked:
-                entry = index.get(key)
-                verdict, record = presence.check(key, entry.size, entry.mtime_ns,
-                                                 entry.position, entry.parent)
-                if verdict is not Verdict.PRESENT and not self._apply(key, verdict, record):
-                    return False
+            if presence.stored_can_vanish and not presence.confirm(key):
+                self._forget_gone(key, "fleet_vanished")
+                return False
+            if presence.unchecked and key in presence.unchecked and not self._recheck(key):
+                return False
         elif not self._refresh(key):
             return False
         self._found[key[-1]] += 1
         return True
 
-    def _apply(self, key: bytes, verdict: Verdict, record: ChunkRecord | None) -> bool:
-        """Act on a stored key's disk check; True if it may still HIT."""
-        group = key_group(key)
+    def _recheck(self, key: bytes) -> bool:
+        """First HIT of a key restored from the snapshot; True if it may still HIT."""
+        entry = self.index.get(key)
+        verdict, record = self.presence.recheck(key, entry.size, entry.mtime_ns,
+                                                entry.position, entry.parent)
         if verdict is Verdict.CHANGED:  # rewritten since the snapshot: index what is there now
             self.index.remove(key)
             self.index.load([record])
-            self.counters.add("restored_chunks_changed", 1, group)
-            return True
-        # gone: forget it, with its orphans (pinned keys stay), as after a failed load
+            self.counters.add("restored_chunks_changed", 1, key_group(key))
+        elif verdict is Verdict.RESTORED_GONE:
+            self._forget_gone(key, "restored_chunks_gone")
+            return False
+        return True
+
+    def _forget_gone(self, key: bytes, counter: str) -> None:
+        """``key``'s file is gone: forget it, with its orphans (pinned keys stay), as
+        after a failed load; count it under ``counter``."""
         self.drop(self.capacity.remove([key]), "gone")
-        self.counters.add("restored_chunks_gone" if verdict is Verdict.RESTORED_GONE
-                          else "fleet_vanished", 1, group)
-        return False
+        self.counters.add(counter, 1, key_group(key))
 
     def _refresh(self, key: bytes, *, now_or_never: bool = False) -> bool:
         """Pick up a chunk another engine stored (``Presence.look_for``)."""
