@@ -21,6 +21,8 @@ Invariants:
   are never looked for (refresh off).
 - Memory is bounded: each table is cleared when it passes ``MAX_REMEMBERED`` keys
   (a cleared table only costs extra stats).
+- ``look_due`` and ``confirm_due`` read the tables only (no I/O): they tell a caller
+  that must not block whether ``look_for`` / ``confirm`` would touch the disk.
 """
 
 from __future__ import annotations
@@ -80,6 +82,18 @@ class Presence:
             return None
         self._absent.pop(key, None)
         return record
+
+    def look_due(self, key: bytes) -> bool:
+        """Would ``look_for(key)`` look at the disk now? (No I/O.)"""
+        if self.ttl <= 0:
+            return False
+        last = self._absent.get(key)
+        return last is None or self.clock() - last >= self.ttl
+
+    def confirm_due(self, key: bytes) -> bool:
+        """Would ``confirm(key)`` stat the file now? (No I/O.)"""
+        last = self._present.get(key)
+        return last is None or self.clock() - last >= self.ttl
 
     def recheck(self, key: bytes, size: int, mtime_ns: int, position: int,
                 parent: bytes | None) -> tuple[Verdict, ChunkRecord | None]:

@@ -18,6 +18,9 @@ Invariants:
 - Every key that leaves the index has its file deleted here (``drop``), is counted
   once by cause, and is reported once to ``on_change(keys, removed=True)``; every
   completed store is reported once to ``on_change(keys, removed=False)``.
+- ``lookup_cached`` does no I/O: it answers from memory, or None where only the disk
+  can tell (``lookup`` then must run off the caller's hot thread); like ``lookup`` it
+  is True only where ``lookup`` would be.
 - All time comes from ``clock`` (time-to-lives, snapshot intervals) and
   ``wall_clock`` (the fleet's leases and heartbeats, compared across hosts); the
   fleet's directory listings run on ``executor`` (a thread of its own by default).
@@ -123,6 +126,23 @@ class CacheService:
             return False
         self._found[key[-1]] += 1
         return True
+
+    def lookup_cached(self, key: bytes) -> bool | None:
+        """``lookup`` without I/O: True / False where memory tells, None where ``lookup``
+        would stat or read the disk (a restored key's first HIT, a fleet key's confirm,
+        a miss due a look for another engine's file). Counts only what it answers."""
+        presence = self.presence
+        if self.index.is_stored(key):
+            if ((presence.stored_can_vanish and presence.confirm_due(key))
+                    or (presence.unchecked and key in presence.unchecked)):
+                return None
+            self._looked_up[key[-1]] += 1
+            self._found[key[-1]] += 1
+            return True
+        if not self.index.is_pending(key) and presence.look_due(key):
+            return None
+        self._looked_up[key[-1]] += 1
+        return False
 
     def _recheck(self, key: bytes) -> bool:
         """First HIT of a key restored from the snapshot; True if it may still HIT."""
@@ -292,6 +312,14 @@ class CacheService:
         """Periodic work the caller's thread owes: start a snapshot when one is due."""
         if self._snapshots is not None and self._snapshots.due():
             self._snapshots.start(self.index.records())
+
+    def tick(self) -> None:
+        """The periodic work ``lookup`` and ``plan_stores`` otherwise do on the way, for a
+        caller that keeps them off its hot thread: the fleet's heartbeat, sync or
+        eviction when due, and ``maintain``."""
+        if self.fleet is not None:
+            self.fleet.tick()
+        self.maintain()
 
     def fold_lookups(self) -> None:
         """Move the lookup tallies into the counters, as tokens per group."""

@@ -4,6 +4,10 @@ It fills in ``spec_name`` / ``spec_module_path`` so users name only the
 connector, hands vLLM's ``KVCacheConfig`` to the spec (which needs each
 group's kind and window), and counts the tokens each request gets from disk.
 It inherits ``SupportsHMA``, so vLLM keeps the hybrid memory allocator on.
+With ``spec_name: TieringOffloadingSpec`` (``hybridkv.vllm.tier_transfer_config``)
+it runs vLLM's CPU tier with ``HybridKVTier`` under it: the same hand-over of the
+KV-cache config, the prompt lengths go to the tier, and hit counts are vLLM's own
+(by source: host or disk).
 
 Failed loads (worker side) reach vLLM as ``failed_recving`` request ids, the
 path vLLM provides for models with several KV cache groups; vLLM's own
@@ -32,8 +36,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import (
 from vllm.v1.kv_cache_interface import KVCacheConfig
 from vllm.v1.outputs import KVConnectorOutput
 
+from hybridkv.vllm.manager import HybridKVManager
 from hybridkv.vllm.metrics import worker_stats
 from hybridkv.vllm.spec import kv_cache_config_context
+from hybridkv.vllm.tier import HybridKVTier
 
 __all__ = ["HybridKVConnector"]
 
@@ -45,8 +51,8 @@ class HybridKVConnector(OffloadingConnector):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig):
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config
-        extra.setdefault("spec_name", SPEC_NAME)
-        extra.setdefault("spec_module_path", SPEC_MODULE)
+        if extra.setdefault("spec_name", SPEC_NAME) == SPEC_NAME:
+            extra.setdefault("spec_module_path", SPEC_MODULE)
         hidden = vllm_config.model_config.get_hidden_size() if vllm_config.model_config else None
         #: worker side: load job id -> request id, until the request's load finishes
         self._load_requests: dict[int, str] = {}
@@ -55,9 +61,24 @@ class HybridKVConnector(OffloadingConnector):
         with kv_cache_config_context(kv_cache_config, hidden_size=hidden):
             super().__init__(vllm_config, role, kv_cache_config)
 
+    def _hybridkv(self):
+        """hybridkv's object behind vLLM's scheduler-side manager: the ``HybridKVManager``
+        itself (direct) or the ``HybridKVTier`` among the tiering manager's tiers."""
+        manager = self.scheduler.manager
+        for tier in getattr(manager, "secondary_tiers", ()):
+            if isinstance(tier, HybridKVTier):
+                return tier
+        return manager
+
+    def _direct(self) -> HybridKVManager | None:
+        manager = self.scheduler.manager
+        return manager if isinstance(manager, HybridKVManager) else None
+
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         # the policy's likely hit points depend on the prompt length (chunk-aligned repeats)
-        self.scheduler.manager.note_prompt_tokens(request.request_id, request.num_prompt_tokens)
+        side = self._hybridkv()
+        if hasattr(side, "note_prompt_tokens"):
+            side.note_prompt_tokens(request.request_id, request.num_prompt_tokens)
         if request.request_id in self._no_reload:  # the retry recomputes, never reloads
             return self.scheduler.get_num_new_matched_tokens(
                 request, num_computed_tokens, max_num_new_tokens=0)
@@ -73,8 +94,8 @@ class HybridKVConnector(OffloadingConnector):
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
         super().update_state_after_alloc(request, blocks, num_external_tokens)
-        if num_external_tokens:
-            manager = self.scheduler.manager
+        manager = self._direct()  # under the CPU tier, vLLM counts hits by source itself
+        if num_external_tokens and manager is not None:
             manager.counters.add("requests_hit")
             manager.counters.add("tokens_from_disk", num_external_tokens)
             manager.counters.flush()
@@ -115,8 +136,8 @@ class HybridKVConnector(OffloadingConnector):
         # the API server process builds the metrics from the config alone: name our spec,
         # so vLLM registers hybridkv's metric definitions there too
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config
-        extra.setdefault("spec_name", SPEC_NAME)
-        extra.setdefault("spec_module_path", SPEC_MODULE)
+        if extra.setdefault("spec_name", SPEC_NAME) == SPEC_NAME:
+            extra.setdefault("spec_module_path", SPEC_MODULE)
         return super().build_prom_metrics(vllm_config, metric_types, labelnames,
                                           per_engine_labelvalues)
 
@@ -124,14 +145,15 @@ class HybridKVConnector(OffloadingConnector):
     def take_events(self):
         # vLLM's offload events carry a chunk's hash and group only: add kind, window, parent
         events = super().take_events()
-        chunk_events = getattr(self.scheduler.manager, "chunk_events", None)
+        chunk_events = getattr(self._hybridkv(), "chunk_events", None)
         return chunk_events.describe(events) if chunk_events is not None else events
 
     def update_connector_output(self, connector_output: KVConnectorOutput):
         failed = connector_output.failed_recving
         if failed and self.connector_scheduler is not None:
             self._no_reload.update(failed)
-            manager = self.scheduler.manager
-            manager.counters.add("requests_load_failed", len(failed))
-            manager.counters.flush()
+            manager = self._direct()
+            if manager is not None:
+                manager.counters.add("requests_load_failed", len(failed))
+                manager.counters.flush()
         super().update_connector_output(connector_output)

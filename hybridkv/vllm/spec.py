@@ -36,7 +36,8 @@ from hybridkv.vllm.events import ChunkEvents, group_event_specs
 from hybridkv.vllm.layout import layout_from_vllm
 from hybridkv.vllm.metrics import metric_definitions
 
-__all__ = ["HybridKVSpec", "kv_cache_config_context"]
+__all__ = ["HybridKVSpec", "handed_kv_cache_config", "kv_cache_config_context", "make_policy_for",
+           "open_store"]
 
 _KV_CACHE_CONFIG: contextvars.ContextVar[tuple[KVCacheConfig, int | None] | None] = (
     contextvars.ContextVar("hybridkv_kv_cache_config", default=None))
@@ -51,6 +52,36 @@ def kv_cache_config_context(kv_cache_config: KVCacheConfig, *,
         yield
     finally:
         _KV_CACHE_CONFIG.reset(token)
+
+
+def handed_kv_cache_config() -> tuple[KVCacheConfig, int | None] | None:
+    """(KV-cache config, model width) handed in by ``HybridKVConnector``, or None."""
+    return _KV_CACHE_CONFIG.get()
+
+
+def open_store(c: HybridKVConfig, layout, rank: int, *, io: FileIO | None = None) -> ChunkStore:
+    """The chunk store of ``layout`` under ``c.cache_dir``, checked writable; ConfigError
+    naming the directory otherwise. ``io``: a plain ``FileIO`` from the settings."""
+    io = io or FileIO(c.durability, c.file_mode, c.dir_mode)
+    store = ChunkStore(c.cache_path, layout, rank=rank, io=io, io_mode=c.io_mode,
+                       integrity_key=c.integrity_key)
+    try:
+        store.ensure_dirs()
+        store.check_writable()
+    except ChunkTooNew as exc:
+        raise too_new(store, exc) from exc
+    except OSError as exc:
+        raise ConfigError(
+            f"cache_dir: cannot write chunks under {store.paths.layout_dir}: {exc}; "
+            "choose a writable directory or fix its permissions") from exc
+    return store
+
+
+def make_policy_for(c: HybridKVConfig, layout, hidden_size: int | None):
+    """The eviction policy the settings name, with the layout's prefill cost model."""
+    cost = PrefillCost.from_layout(layout, hidden_size=hidden_size or 4096)
+    return make_policy(c.eviction_policy, layout, cost=cost,
+                       checkpoint_interval=c.checkpoint_interval)
 
 
 class HybridKVSpec(OffloadingSpec):
@@ -82,19 +113,7 @@ class HybridKVSpec(OffloadingSpec):
         return FileIO(c.durability, c.file_mode, c.dir_mode)
 
     def _store(self, rank: int) -> ChunkStore:
-        c = self.hkv_config
-        store = ChunkStore(c.cache_path, self.layout, rank=rank, io=self._file_io(),
-                           io_mode=c.io_mode, integrity_key=c.integrity_key)
-        try:
-            store.ensure_dirs()
-            store.check_writable()
-        except ChunkTooNew as exc:
-            raise _too_new(store, exc) from exc
-        except OSError as exc:
-            raise ConfigError(
-                f"cache_dir: cannot write chunks under {store.paths.layout_dir}: {exc}; "
-                "choose a writable directory or fix its permissions") from exc
-        return store
+        return open_store(self.hkv_config, self.layout, rank, io=self._file_io())
 
     def get_manager(self) -> OffloadingManager:
         if self._manager is None:
@@ -110,14 +129,11 @@ class HybridKVSpec(OffloadingSpec):
                     chunk_events=ChunkEvents(self.event_groups),
                 )
             except ChunkTooNew as exc:  # the startup scan met a chunk from a newer hybridkv
-                raise _too_new(store, exc) from exc
+                raise too_new(store, exc) from exc
         return self._manager
 
     def _make_policy(self):
-        c = self.hkv_config
-        cost = PrefillCost.from_layout(self.layout, hidden_size=self.hidden_size or 4096)
-        return make_policy(c.eviction_policy, self.layout, cost=cost,
-                           checkpoint_interval=c.checkpoint_interval)
+        return make_policy_for(self.hkv_config, self.layout, self.hidden_size)
 
     def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
         from hybridkv.vllm.worker import HybridKVWorker
@@ -131,7 +147,7 @@ class HybridKVSpec(OffloadingSpec):
         )
 
 
-def _too_new(store: ChunkStore, exc: ChunkTooNew) -> ConfigError:
+def too_new(store: ChunkStore, exc: ChunkTooNew) -> ConfigError:
     return ConfigError(
         f"cache_dir: {store.paths.layout_dir} was written by a newer hybridkv ({exc}); "
         "upgrade hybridkv (pip install -U hybridkv) to use it, or set cache_dir to "
