@@ -35,5 +35,6 @@ PYTHONPATH="$PWD" "$VENV/bin/python" -c "import vllm, hybridkv.vllm.connector, h
 step "running the scheduler-level tests"
 export VLLM_TARGET_DEVICE="${VLLM_TARGET_DEVICE:-cpu}" VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-    tests/vllm_adapter/test_scheduler_harness.py tests/vllm_adapter/test_compat.py
+    tests/vllm_adapter/test_scheduler_harness.py tests/vllm_adapter/test_compat.py \
+    tests/vllm_adapter/test_tier.py
 step "done"

@@ -49,13 +49,23 @@ class TierRig:
 
     def __init__(self, model_dir: Path, cache_dir: Path, layout: str = "jamba", *,
                  cpu_bytes: int = 8 << 20, num_blocks: int = 400, blocks_per_chunk: int = 1,
-                 **settings):
-        specs, block_size = LAYOUTS[layout]()
+                 secondary: dict | None = None, kv_events: bool = False, **settings):
+        """``settings``: HybridKVTier's; ``secondary``: another tier's config instead
+        (e.g. vLLM's ``{"type": "fs", "root_dir": ...}``); ``layout``: a ``LAYOUTS`` name or
+        (layer specs, block size)."""
+        specs, block_size = LAYOUTS[layout]() if isinstance(layout, str) else layout
         settings.setdefault("refresh_interval", 0)
         config = H.make_vllm_config(model_dir, cache_dir, block_size=block_size)
         tiering = {"blocks_per_chunk": blocks_per_chunk} if blocks_per_chunk > 1 else None
-        config.kv_transfer_config = KVTransferConfig(**tier_transfer_config(
-            str(cache_dir), cpu_bytes, tiering=tiering, **settings))
+        transfer = tier_transfer_config(str(cache_dir), cpu_bytes, tiering=tiering, **settings)
+        if secondary is not None:
+            transfer["kv_connector_extra_config"]["secondary_tiers"] = [dict(secondary)]
+        config.kv_transfer_config = KVTransferConfig(**transfer)
+        if kv_events:
+            from vllm.config import KVEventsConfig
+
+            config.kv_events_config = KVEventsConfig(enable_kv_cache_events=True,
+                                                     publisher="null")
         config.kv_transfer_config.engine_id = f"hkv-tier-test-{next(_ENGINES)}-{time.time_ns()}"
         _, sched = H.build_kv_cache_configs(config, specs, num_blocks)
         self.sched_cfg = sched
@@ -66,7 +76,8 @@ class TierRig:
         (self.tier,) = self.manager.secondary_tiers
         self.rows = np.asarray(self.manager.primary_tier.get_kv_memoryview()).view(np.uint8)
         self.group_ids = [g.group_id for g in offloading.groups]
-        self.chunk_tokens = {g.index: g.chunk_tokens for g in self.tier.layout.groups}
+        self.chunk_tokens = {g.group_id: g.tokens_per_block * blocks_per_chunk
+                             for g in offloading.groups}
 
     # ------------------------------------------------------------------ requests
     def request(self, name: str, n_chunks: int, seed: int = 0,
@@ -90,7 +101,10 @@ class TierRig:
     def group_bytes(self, key: bytes, row: np.ndarray) -> bytes:
         from hybridkv.keys import key_group
 
-        return b"".join(a.tobytes() for a in self.tier.slots.gather(row, key_group(key)))
+        slots = getattr(self.tier, "slots", None)
+        if slots is None:  # another tier stores whole slots
+            return row.tobytes()
+        return b"".join(a.tobytes() for a in slots.gather(row, key_group(key)))
 
     # ------------------------------------------------------------------ flows
     def store(self, ctx: ReqContext, keys: list[bytes], *, finish: bool = True) -> list[bytes]:
@@ -101,7 +115,8 @@ class TierRig:
         assert out is not None, "the CPU tier had no room"
         for key, cid in zip(out.keys_to_store, out.store_spec.chunk_ids):
             self.rows[int(cid)] = self.expected(key)
-        m.complete_store(out.keys_to_store, ctx)
+        if out.keys_to_store:  # vLLM calls complete_store only for stores it prepared
+            m.complete_store(out.keys_to_store, ctx)
         if finish:
             m.on_request_finished(ctx)
         self.settle()
