@@ -8,9 +8,10 @@ a bounded pool of I/O threads, one task per job; results come back through
 
 Invariants:
 - The caller's thread does no file I/O and never waits: ``lookup`` answers from
-  memory under a non-blocking acquire of ``lock``, or None ("ask again") while the
-  control thread holds the service or checks the key's file for it; ``stats`` is
-  None while the service is busy; everything else is queued.
+  memory (``CacheService.lookup_cached``: under a non-blocking acquire of ``lock``, or,
+  while the control thread holds it, as a read that tolerates a concurrent writer and
+  counts nothing), or None ("ask again") while a disk check of the key runs on the
+  control thread; ``stats`` is None while the service is busy; the rest is queued.
 - The service is used by one thread at a time (under ``lock``); I/O threads only
   read and write chunk files through ``store`` and never touch the service.
 - Every submitted job is reported exactly once by ``finished``, also when a step
@@ -86,6 +87,8 @@ class JobRunner:
         self._idle = threading.Condition()
         self._last_tick = 0.0
         self._closed = False
+        #: lookups answered while the control thread held the service (not counted there)
+        self.busy_lookups = 0
 
     # ------------------------------------------------------------------ caller's thread
     def lookup(self, key: bytes) -> bool | None:
@@ -93,12 +96,16 @@ class JobRunner:
         answer = self._resolved.pop(key, None)
         if answer is not None:
             return answer
-        if key in self._checking or not self.lock.acquire(blocking=False):
+        if key in self._checking:
             return None
-        try:
-            cached = self.service.lookup_cached(key)
-        finally:
-            self.lock.release()
+        if self.lock.acquire(blocking=False):
+            try:
+                cached = self.service.lookup_cached(key)
+            finally:
+                self.lock.release()
+        else:  # the control thread works: a stale answer is a lost hit or a failed load
+            self.busy_lookups += 1
+            cached = self.service.lookup_cached(key, count=False)
         if cached is None:
             self._checking.add(key)
             self._control.submit(self._check, key)

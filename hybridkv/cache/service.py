@@ -20,7 +20,10 @@ Invariants:
   completed store is reported once to ``on_change(keys, removed=False)``.
 - ``lookup_cached`` does no I/O: it answers from memory, or None where only the disk
   can tell (``lookup`` then must run off the caller's hot thread); like ``lookup`` it
-  is True only where ``lookup`` would be.
+  is True only where ``lookup`` would be. With ``count=False`` it reads only what a
+  concurrent writer cannot break (one dict get, one bytearray item, set and dict
+  membership): another thread may call it while the service's owner works, and a
+  stale answer is a lost hit or a load that fails closed, never wrong bytes.
 - All time comes from ``clock`` (time-to-lives, snapshot intervals) and
   ``wall_clock`` (the fleet's leases and heartbeats, compared across hosts); the
   fleet's directory listings run on ``executor`` (a thread of its own by default).
@@ -127,21 +130,23 @@ class CacheService:
         self._found[key[-1]] += 1
         return True
 
-    def lookup_cached(self, key: bytes) -> bool | None:
+    def lookup_cached(self, key: bytes, *, count: bool = True) -> bool | None:
         """``lookup`` without I/O: True / False where memory tells, None where ``lookup``
         would stat or read the disk (a restored key's first HIT, a fleet key's confirm,
-        a miss due a look for another engine's file). Counts only what it answers."""
+        a miss due a look for another engine's file). Counts what it answers, if ``count``."""
         presence = self.presence
         if self.index.is_stored(key):
             if ((presence.stored_can_vanish and presence.confirm_due(key))
                     or (presence.unchecked and key in presence.unchecked)):
                 return None
-            self._looked_up[key[-1]] += 1
-            self._found[key[-1]] += 1
+            if count:
+                self._looked_up[key[-1]] += 1
+                self._found[key[-1]] += 1
             return True
         if not self.index.is_pending(key) and presence.look_due(key):
             return None
-        self._looked_up[key[-1]] += 1
+        if count:
+            self._looked_up[key[-1]] += 1
         return False
 
     def _recheck(self, key: bytes) -> bool:

@@ -151,11 +151,15 @@ def test_lookup_never_waits_for_a_busy_service(model_dir, tmp_path, rigs):
     rig = rigs(model_dir, tmp_path / "kv", "gemma")
     ctx, keys = rig.request("r1", 2)
     rig.store(ctx, keys)
-    with rig.tier.runner.lock:  # the control thread is busy (e.g. evicting)
+    _, unknown = rig.request("r2", 1, seed=5)
+    runner = rig.tier.runner
+    with runner.lock:  # the control thread is busy (e.g. evicting)
         started = time.perf_counter()
-        assert rig.tier.lookup(keys[0], ctx) is RETRY
-        assert rig.tier.get_stats() is None
+        assert rig.tier.lookup(keys[0], ctx) is HIT  # from memory, uncounted
+        assert rig.tier.lookup(unknown[0], ctx) is MISS
+        assert rig.tier.get_stats() is None  # carried to the next step
         assert time.perf_counter() - started < 0.5
+        assert runner.busy_lookups == 2
     assert rig.tier.lookup(keys[0], ctx) is HIT
 
 
