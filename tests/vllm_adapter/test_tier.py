@@ -306,3 +306,26 @@ def test_tier_transfer_config_checks_cpu_bytes():
     (tier,) = cfg["kv_connector_extra_config"]["secondary_tiers"]
     assert tier == {"type": "HybridKVTier", "module_path": "hybridkv.vllm.tier",
                     "cache_dir": "/tmp/kv", "disk_budget": "1GiB"}
+
+
+# ---------------------------------------------------------------- one directory, two modes
+def test_a_directory_written_by_the_direct_mode_promotes_under_the_cpu_tier(model_dir,
+                                                                            tmp_path, rigs):
+    """The direct spec (real Scheduler + hybridkv's worker, ``harness``) and the tier write
+    the same files in the same layout directory: the tier serves the direct mode's chunks
+    with the bytes of their files."""
+    specs, block = H.jamba_specs()
+    config = H.make_vllm_config(model_dir, tmp_path / "kv", block_size=block,
+                                max_num_batched_tokens=64)
+    H.first_run(lambda: H.Engine(config, specs))
+    rig = rigs(model_dir, tmp_path / "kv", (specs, block))
+    written = {r.key: r for r in rig.tier.cache.store.scan()}
+    assert written and all(rig.tier.cache.index.is_stored(k) for k in written)
+    from vllm.v1.kv_offload.base import ReqContext
+
+    ctx = ReqContext(req_id="from-direct")
+    keys = sorted(written)[:12]
+    assert rig.lookup(ctx, keys) == {k: HIT for k in keys}
+    for k in keys:
+        _, arrays = rig.tier.cache.store.read(k)
+        assert rig.loaded_bytes(ctx, k) == b"".join(a.tobytes() for a in arrays)
