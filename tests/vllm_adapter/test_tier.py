@@ -273,6 +273,23 @@ def test_metrics_and_storage_events(model_dir, tmp_path, rigs):
         assert [parents[k] for k in chain] == [None, *chain[:-1]]
 
 
+def test_vllm_backpressure_detector_is_fed(model_dir, tmp_path, rigs, monkeypatch):
+    """vLLM's tiering builds the tier's ``BackpressureDetector`` from its ``backpressure``
+    key and feeds it the bytes of every finished cascade."""
+    rig = rigs(model_dir, tmp_path / "kv", "gemma",
+               backpressure={"backpressure_cls": "EMABackpressureDetector"})
+    detector = rig.tier.bp_detector
+    assert type(detector).__name__ == "EMABackpressureDetector"
+    fed: list[int] = []
+    original = detector.on_store_completed
+    monkeypatch.setattr(detector, "on_store_completed",
+                        lambda elapsed, nbytes: (fed.append(nbytes), original(elapsed, nbytes)))
+    for i in range(3):
+        rig.store(*rig.request(f"r{i}", 2, seed=i))
+    assert len(chunk_files(tmp_path / "kv")) == 3 * 2 * len(rig.group_ids)
+    assert len(fed) == 3 and all(n > 0 for n in fed)
+
+
 # ---------------------------------------------------------------- configuration
 def test_bad_tier_setting_names_the_key(model_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"secondary_tiers\[HybridKVTier\].*disk_budget"):
