@@ -21,6 +21,11 @@ CASES = [
     (["benchmarks/overhead.py", "--model", "llama"], "'llama'"),
     (["benchmarks/overhead.py", "--batch", "0"], "--batch"),
     (["benchmarks/overhead.py", "--model", "gemma3", "--prompt-tokens", "9000"], "9000"),
+    (["benchmarks/tier_io.py", "--sizes", "64,x"], "'64,x'"),
+    (["benchmarks/tier_io.py", "--sizes", "100"], "'100'"),
+    (["benchmarks/tier_io.py", "--threads", "0"], "--threads"),
+    (["benchmarks/tier_io.py", "--rounds", "x"], "--rounds"),
+    (["benchmarks/tier_io.py", "--bogus"], "--bogus"),
 ]
 
 
@@ -35,8 +40,9 @@ def test_bad_argument_is_one_line_naming_it(args, named, tmp_path):
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
-def test_missing_output_directory_is_refused(tmp_path):
+@pytest.mark.parametrize("script", ["benchmarks/overhead.py", "benchmarks/tier_io.py"])
+def test_missing_output_directory_is_refused(script, tmp_path):
     out = tmp_path / "nope" / "x.json"
-    proc = subprocess.run([sys.executable, "benchmarks/overhead.py", "--out", str(out)],
+    proc = subprocess.run([sys.executable, script, "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and str(out.parent) in proc.stderr.strip()

