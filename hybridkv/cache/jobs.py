@@ -15,7 +15,9 @@ Invariants:
 - The service is used by one thread at a time (under ``lock``); I/O threads only
   read and write chunk files through ``store`` and never touch the service.
 - Every submitted job is reported exactly once by ``finished``, also when a step
-  of it raised (then as failed).
+  of it raised (then as failed). A job is reported as soon as its I/O is done; the
+  service learns of it afterwards, on the control thread (``pending`` and ``drain``
+  wait for that too).
 - A load hands to ``fill`` only chunks that passed the store's verification (header,
   checksum, integrity tag); a key that failed is reported failed and ``fill`` never
   sees it. A store job reads its keys (``read``) only before it is reported: the
@@ -212,17 +214,14 @@ class JobRunner:
         self._io.submit(self._guard, job_id, False, started, self._write_all,
                         job_id, admitted, read, started)
 
-    def _commit_store(self, job_id, done, failed, nbytes, started) -> None:
+    def _commit_store(self, done, failed) -> None:
         with self.lock:
             self.service.store_done(done + failed)
             counters = self.service.counters
             for key in failed:
                 counters.add("store_failures", 1, key_group(key))
-        self._report(JobOutcome(job_id=job_id, is_load=False, done=done, failed=failed,
-                                nbytes=nbytes, seconds=time.perf_counter() - started),
-                     store=True)
 
-    def _commit_load(self, job_id, done, failed, nbytes, started) -> None:
+    def _commit_load(self, done, failed, nbytes) -> None:
         with self.lock:
             service = self.service
             service.load_started(done + [k for k, _ in failed])
@@ -234,9 +233,6 @@ class JobRunner:
                 service.counters.add("chunks_loaded", 1, key_group(key))
             if done:
                 service.counters.add("bytes_read", nbytes)
-        self._report(JobOutcome(job_id=job_id, is_load=True, done=done,
-                                failed=[k for k, _ in failed], nbytes=nbytes,
-                                seconds=time.perf_counter() - started), store=False)
 
     def _count(self, name: str, value: int) -> None:
         self.service.counters.add(name, value)
@@ -259,8 +255,10 @@ class JobRunner:
             except Exception as exc:  # the chunk stays unstored; nothing half-visible
                 log.warning("hybridkv: store of chunk %s failed: %s", key.hex()[:16], exc)
                 failed.append(key)
-        self._control.submit(self._guard, job_id, False, started, self._commit_store,
-                             job_id, done, failed, nbytes, started)
+        self._finished.append(JobOutcome(job_id=job_id, is_load=False, done=done,
+                                         failed=failed, nbytes=nbytes,
+                                         seconds=time.perf_counter() - started))
+        self._control.submit(self._settle, True, self._commit_store, done, failed)
 
     def _read_all(self, job_id, keys, fill, started) -> None:
         done: list[bytes] = []
@@ -278,8 +276,10 @@ class JobRunner:
                 continue
             done.append(key)
             nbytes += sum(a.nbytes for a in arrays)
-        self._control.submit(self._guard, job_id, True, started, self._commit_load,
-                             job_id, done, failed, nbytes, started)
+        self._finished.append(JobOutcome(job_id=job_id, is_load=True, done=done,
+                                         failed=[k for k, _ in failed], nbytes=nbytes,
+                                         seconds=time.perf_counter() - started))
+        self._control.submit(self._settle, False, self._commit_load, done, failed, nbytes)
 
     def _buffer(self, key: bytes):
         """This thread's read buffer, large enough for any chunk of ``key``'s group."""
@@ -293,6 +293,15 @@ class JobRunner:
     def _queue(self, fn, *args) -> None:
         if not self._closed:
             self._control.submit(self._guard, None, False, 0.0, self._locked, fn, *args)
+
+    def _settle(self, store: bool, fn, *args) -> None:
+        """The service's part of a job already reported; then the job is done."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("hybridkv: bookkeeping of a finished transfer failed")
+        finally:
+            self._end(store=store)
 
     def _guard(self, job_id, is_load, started, fn, *args) -> None:
         """Run one step of a job; a step that raised reports the job failed."""
@@ -315,6 +324,9 @@ class JobRunner:
         if failed:
             outcome.ok = False
         self._finished.append(outcome)
+        self._end(store=store)
+
+    def _end(self, *, store: bool) -> None:
         with self._idle:
             self._jobs -= 1
             self._store_jobs -= store

@@ -96,7 +96,10 @@ class HybridKVTier(SecondaryTierManager):
         try:
             self.cache = CacheService(
                 store, config, policy=make_policy_for(config, self.layout, hidden_size),
-                counters=Counters(store.paths.stats_dir, "tier", io=store.io),
+                # the counters file at most once a second (forced at shutdown): a write
+                # per job would be the control thread's largest cost
+                counters=Counters(store.paths.stats_dir, "tier", io=store.io,
+                                  min_interval=1.0),
                 on_change=self._on_change if self.emit_events else None)
         except ChunkTooNew as exc:
             raise too_new(store, exc) from exc
