@@ -14,7 +14,10 @@ Invariants:
 - ``plan_stores`` never admits a key that is stored or being stored (dedup, also
   against another engine's file); admission, eviction and the budget are
   ``Capacity``'s (the code the simulator runs); with the fleet on, every admitted
-  store also fits the fleet's budget.
+  store also fits the fleet's budget. Every admitted store also fits above the
+  filesystem's free-space floor as ``DiskFloor`` last measured it (its limit
+  tightens the budget; only an engine that may evict, not a fleet member without
+  the lease, evicts for it); while ``DiskFloor`` backs off nothing is admitted.
 - Every key that leaves the index has its file deleted here (``drop``), is counted
   once by cause, and is reported once to ``on_change(keys, removed=True)``; every
   completed store is reported once to ``on_change(keys, removed=False)``.
@@ -26,10 +29,12 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Executor
 
+from hybridkv.cache.disk_floor import DiskFloor
 from hybridkv.cache.fleet_sync import FleetSync
 from hybridkv.cache.presence import Presence, Verdict
 from hybridkv.capacity import Capacity, StorePlan
@@ -60,7 +65,8 @@ class CacheService:
                  on_change: OnChange | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time,
-                 executor: Executor | None = None):
+                 executor: Executor | None = None,
+                 statvfs: Callable[[str], os.statvfs_result] = os.statvfs):
         self.store = store
         self.layout = store.layout
         self.config = config
@@ -84,6 +90,9 @@ class CacheService:
         self.capacity = Capacity(self.index, policy or LRUPolicy(), config.disk_budget,
                                  headroom=config.eviction_headroom)
         self.capacity.orphans = set()  # ``drop`` counts them as their own cause
+        #: the free-space floor (``min_free_space``) and the no-space back-off
+        self.disk_floor = DiskFloor(store.paths.layout_dir, config.min_free_space,
+                                    clock=clock, statvfs=statvfs)
         self.startup_seconds["capacity"] = time.perf_counter() - mark
         self.counters.add("startup_chunks", len(self.index))
         self.counters.add("startup_tmp_removed", removed_tmp)
@@ -95,7 +104,8 @@ class CacheService:
         self.fleet: FleetSync | None = None
         if config.fleet_enabled:
             self.fleet = FleetSync(store, self.index, self.capacity, config, self.counters,
-                                   self.drop, clock=wall_clock, executor=executor)
+                                   self.drop, clock=wall_clock, executor=executor,
+                                   floor_excess=self._floor_excess)
         self.drop(self.capacity.enforce())
         self.counters.flush(force=True)
         self.startup_seconds["fleet_enforce_flush"] = time.perf_counter() - mark
@@ -201,7 +211,21 @@ class CacheService:
             batch.append(Candidate(
                 key, group, position, self.layout.group(group).chunk_bytes + HEADER_ALLOWANCE,
                 by_position.get((group, position - self.chunk_tokens[group]))))
+        limit = self.disk_floor.limit(self.index.bytes_stored, self.index.bytes_used)
+        if self.disk_floor.backing_off():  # the filesystem stays full: neither store nor evict
+            for cand in batch:
+                self.counters.add("stores_skipped_disk_full", 1, cand.group)
+            return StorePlan(skipped=batch)
+        budget = self.config.disk_budget
+        if limit is not None and (budget is None or limit < budget):
+            budget, skip_cause = limit, "stores_skipped_floor"
+        else:
+            skip_cause = "stores_skipped_budget"
+        if self.fleet is None or self.fleet.holder:  # who may evict, evicts for the floor too
+            self.capacity.set_budget(budget)
         plan = self.capacity.offer(batch, request)
+        if limit is not None:
+            self._fit_floor(plan, limit)
         # delete first: the fleet's admission may sync, and a listing must not find (and
         # index again) the files of chunks just evicted
         self.drop(plan.evicted)
@@ -210,10 +234,31 @@ class CacheService:
         for cand in plan.rejected:
             self.counters.add("stores_not_admitted", 1, cand.group)
         for cand in plan.skipped:
-            self.counters.add("stores_skipped_budget", 1, cand.group)
+            self.counters.add(skip_cause, 1, cand.group)
         admitted = {c.key for c in plan.admitted}
         plan.admitted = [c for c in batch if c.key in admitted]  # the caller's order
         return plan
+
+    def _fit_floor(self, plan: StorePlan, limit: int) -> None:
+        """Abort the last admitted stores until the reserved bytes fit ``limit`` (a fleet
+        member without the lease: ``Capacity`` did not evict for the floor)."""
+        while plan.admitted and self.index.bytes_used > limit:
+            cand = plan.admitted.pop()
+            self.capacity.abort(cand.key)
+            plan.skipped.append(cand)
+
+    def _floor_excess(self) -> int:
+        """Bytes over the free-space floor's limit now (0 while backing off)."""
+        limit = self.disk_floor.limit(self.index.bytes_stored, self.index.bytes_used)
+        if limit is None or self.disk_floor.backing_off():
+            return 0
+        return max(0, self.index.bytes_used - limit)
+
+    def store_failed_no_space(self, count: int = 1) -> None:
+        """``count`` stores failed with ENOSPC/EDQUOT (the worker's report): measure the
+        free space now, evict a bounded round, back off if it stays full (``DiskFloor``)."""
+        self.counters.add("stores_failed_no_space", count)
+        self.disk_floor.no_space(self.index.bytes_stored, self.index.bytes_used)
 
     def store_done(self, keys: Collection[bytes]) -> list[ChunkRecord]:
         """Stores of ``keys`` ended (written or not): index what is complete on disk.
