@@ -31,15 +31,12 @@ import time
 from collections.abc import Callable
 
 from hybridkv.store.failures import Warnings
+from hybridkv.store.free_space import measure
 
-__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "DEFAULT_FLOOR_BYTES", "DEFAULT_FLOOR_FRACTION",
-           "DiskFloor", "EVICT_SHARE", "PROBE_INTERVAL", "floor_bytes"]
+__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "DiskFloor", "EVICT_SHARE", "PROBE_INTERVAL"]
 
 log = logging.getLogger(__name__)
 
-#: default floor: this fraction of the filesystem or DEFAULT_FLOOR_BYTES, the smaller
-DEFAULT_FLOOR_FRACTION = 0.05
-DEFAULT_FLOOR_BYTES = 4 * 2**30
 #: seconds between statvfs probes on the store path
 PROBE_INTERVAL = 1.0
 #: a short round may evict at most 1/EVICT_SHARE of the bytes stored beyond the next batch
@@ -49,15 +46,6 @@ BACKOFF_MIN, BACKOFF_MAX = 2.0, 60.0
 NO_SPACE_MEMORY = 60.0
 #: seconds between forced probes (``no_space``)
 FORCED_MIN = 0.1
-
-
-def floor_bytes(min_free_space: int | str | None, total: int) -> int:
-    """``min_free_space`` (bytes, ``"N%"`` of ``total``, or None: the default) in bytes."""
-    if min_free_space is None:
-        return min(int(total * DEFAULT_FLOOR_FRACTION), DEFAULT_FLOOR_BYTES)
-    if isinstance(min_free_space, str):
-        return int(total * float(min_free_space.rstrip("%")) / 100)
-    return int(min_free_space)
 
 
 class DiskFloor:
@@ -119,16 +107,14 @@ class DiskFloor:
     def _probe(self, stored: int, used: int, now: float, *, no_space: bool) -> None:
         self._next_probe = now + self.interval
         try:
-            st = self._statvfs(self.path)
+            space = measure(self.path, self.setting, statvfs=self._statvfs)
         except OSError as exc:
             self.warnings.warn("statvfs", "hybridkv: cannot read the free space of %s (%s); "
                                "min_free_space is not enforced until it can", self.path, exc)
             self.free = self._limit = None
             return
         self.probes += 1
-        self.total = st.f_blocks * st.f_frsize
-        self.floor = floor_bytes(self.setting, self.total)
-        self.free = st.f_bavail * st.f_frsize
+        self.total, self.floor, self.free = space.total, space.floor, space.free
         seen = 0 if no_space else self.free
         short = no_space or seen < self.floor
         limit = stored + seen - self.floor

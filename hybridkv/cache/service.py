@@ -285,6 +285,8 @@ class CacheService:
             self.counters.add("chunks_stored", 1, group)
             self.counters.add("bytes_stored", record.size, group)
             stored.append(record)
+        if stored and not self.store.layout_written:  # the disk was full at start
+            self._write_layout_file()
         if stored and self.on_change is not None:
             self.on_change([r.key for r in stored], False)
         self.drop(evicted)
@@ -292,6 +294,12 @@ class CacheService:
         self.counters.flush()
         self.maintain()
         return stored
+
+    def _write_layout_file(self) -> None:
+        try:
+            self.store.ensure_dirs()
+        except (OSError, ChunkError) as exc:
+            log.debug("hybridkv: layout.json not written yet: %s", exc)
 
     def note_prompt_tokens(self, request_id: str, num_tokens: int) -> None:
         """The prompt length of a request, before its stores (hit points of the policy)."""

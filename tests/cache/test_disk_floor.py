@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from hybridkv.cache import CacheService
-from hybridkv.cache.disk_floor import BACKOFF_MIN, EVICT_SHARE, DiskFloor, floor_bytes
+from hybridkv.cache.disk_floor import BACKOFF_MIN, EVICT_SHARE, DiskFloor
 from hybridkv.config import HybridKVConfig
 from hybridkv.groups import GroupKind, GroupSpec, HybridLayout
 from hybridkv.keys import make_key
 from hybridkv.policies import make_policy
 from hybridkv.store.chunk_store import ChunkStore
 from hybridkv.store.failures import FAILURE_CAUSES, Warnings, failure_cause
+from hybridkv.store.free_space import floor_bytes
 
 pytestmark = pytest.mark.fast
 
@@ -80,7 +81,7 @@ def store_request(svc: CacheService, name: str, n: int = 3) -> list[bytes]:
 
 
 def test_floor_default_and_spellings():
-    assert floor_bytes(None, 100 * 2**30) == 5 * 2**30 * 0 + 4 * 2**30  # 4 GiB < 5%
+    assert floor_bytes(None, 100 * 2**30) == 4 * 2**30  # 4 GiB < 5%
     assert floor_bytes(None, 10 * 2**30) == int(10 * 2**30 * 0.05)  # 5% < 4 GiB
     assert floor_bytes("10%", 1000) == 100
     assert floor_bytes(0, 1000) == 0
