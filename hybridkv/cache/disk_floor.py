@@ -8,9 +8,10 @@ per ``interval`` seconds (a clock read otherwise); between probes the limit stay
 evictions are accounted by its index and other writers by the next probe.
 
 Invariants:
-- A round (one probe) whose free space is below the floor lets eviction free at
-  most ``stored / EVICT_SHARE`` bytes beyond the next batch (the limit is never set
-  below ``used - stored // EVICT_SHARE``): eviction for space is bounded.
+- A round (one probe) whose free space is below the floor is ``short``: the service
+  stores nothing until the next probe and evicts down to ``limit``, which is never
+  below ``used - stored // EVICT_SHARE``: eviction for space is bounded, and a store
+  admitted against a current probe never takes the free space below the floor.
 - Two short rounds in a row (or two no-space failures within ``NO_SPACE_MEMORY``
   seconds) start a back-off: ``backing_off`` is True for ``delay`` seconds, doubling
   from ``BACKOFF_MIN`` up to ``BACKOFF_MAX``; the service stores nothing and evicts
@@ -30,6 +31,7 @@ import os
 import time
 from collections.abc import Callable
 
+from hybridkv.capacity import Capacity, StorePlan
 from hybridkv.store.failures import Warnings
 from hybridkv.store.free_space import measure
 
@@ -64,6 +66,7 @@ class DiskFloor:
         #: free bytes at the last probe (None: statvfs failed or never ran)
         self.free: int | None = None
         self.probes = 0
+        self.probed_at = float("-inf")  # clock time of the last probe
         self.short_rounds = 0  # probes that found the free space below the floor
         self.backoffs = 0
         self.backoff_until = float("-inf")
@@ -86,6 +89,21 @@ class DiskFloor:
             return used  # neither grow nor evict while backing off
         return self._limit
 
+    def excess(self, stored: int, used: int) -> int:
+        """Bytes to evict now for the floor (0 while backing off or without a limit)."""
+        limit = self.limit(stored, used)
+        if limit is None or self.backing_off():
+            return 0
+        return max(0, used - limit)
+
+    @staticmethod
+    def trim(plan: StorePlan, capacity: Capacity, limit: int) -> None:
+        """Abort the last admitted stores of ``plan`` until the bytes used fit ``limit``."""
+        while plan.admitted and capacity.index.bytes_used > limit:
+            cand = plan.admitted.pop()
+            capacity.abort(cand.key)
+            plan.skipped.append(cand)
+
     def backing_off(self) -> bool:
         """True while stores wait for the filesystem (see the module docstring)."""
         return self.clock() < self.backoff_until
@@ -97,6 +115,12 @@ class DiskFloor:
             return
         self._last_forced = now
         self._probe(stored, used, now, no_space=True)
+
+    @property
+    def short(self) -> bool:
+        """The last round found the free space below the floor (or a no-space failure):
+        until the next probe the service stores nothing and evicts down to ``limit``."""
+        return self._short_prev
 
     @property
     def below_floor(self) -> bool:
@@ -114,6 +138,7 @@ class DiskFloor:
             self.free = self._limit = None
             return
         self.probes += 1
+        self.probed_at = now
         self.total, self.floor, self.free = space.total, space.floor, space.free
         seen = 0 if no_space else self.free
         short = no_space or seen < self.floor
@@ -136,7 +161,9 @@ class DiskFloor:
                     "short", "hybridkv: %s %s (%d KiB free, floor %d KiB): evicting to make "
                     "room", self.path, "has no space left" if no_space else
                     "is below min_free_space", self.free // 1024, self.floor // 1024)
-            limit = max(limit, used - stored // EVICT_SHARE)  # a bounded round
+            # a bounded round; a failed write frees a full round (how short it is is unknown)
+            bound = used - stored // EVICT_SHARE
+            limit = bound if no_space else max(limit, bound)
         elif now - self._last_no_space >= NO_SPACE_MEMORY:
             self.delay = BACKOFF_MIN
         if no_space:

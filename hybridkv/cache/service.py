@@ -211,11 +211,10 @@ class CacheService:
             batch.append(Candidate(
                 key, group, position, self.layout.group(group).chunk_bytes + HEADER_ALLOWANCE,
                 by_position.get((group, position - self.chunk_tokens[group]))))
-        limit = self.disk_floor.limit(self.index.bytes_stored, self.index.bytes_used)
-        if self.disk_floor.backing_off():  # the filesystem stays full: neither store nor evict
-            for cand in batch:
-                self.counters.add("stores_skipped_disk_full", 1, cand.group)
-            return StorePlan(skipped=batch)
+        floor = self.disk_floor
+        limit = floor.limit(self.index.bytes_stored, self.index.bytes_used)
+        if floor.backing_off() or floor.short:
+            return self._skip_for_space(batch, limit)
         budget = self.config.disk_budget
         if limit is not None and (budget is None or limit < budget):
             budget, skip_cause = limit, "stores_skipped_floor"
@@ -224,8 +223,8 @@ class CacheService:
         if self.fleet is None or self.fleet.holder:  # who may evict, evicts for the floor too
             self.capacity.set_budget(budget)
         plan = self.capacity.offer(batch, request)
-        if limit is not None:
-            self._fit_floor(plan, limit)
+        if limit is not None:  # a fleet member without the lease did not evict for it
+            self.disk_floor.trim(plan, self.capacity, limit)
         # delete first: the fleet's admission may sync, and a listing must not find (and
         # index again) the files of chunks just evicted
         self.drop(plan.evicted)
@@ -239,20 +238,20 @@ class CacheService:
         plan.admitted = [c for c in batch if c.key in admitted]  # the caller's order
         return plan
 
-    def _fit_floor(self, plan: StorePlan, limit: int) -> None:
-        """Abort the last admitted stores until the reserved bytes fit ``limit`` (a fleet
-        member without the lease: ``Capacity`` did not evict for the floor)."""
-        while plan.admitted and self.index.bytes_used > limit:
-            cand = plan.admitted.pop()
-            self.capacity.abort(cand.key)
-            plan.skipped.append(cand)
+    def _skip_for_space(self, batch: list[Candidate], limit: int) -> StorePlan:
+        """Below the floor: store nothing; evict a bounded round (not while backing off,
+        and only where this engine may evict)."""
+        backing_off = self.disk_floor.backing_off()
+        if not backing_off and (self.fleet is None or self.fleet.holder):
+            self.capacity.set_budget(limit)
+            self.drop(self.capacity.enforce())
+        name = "stores_skipped_disk_full" if backing_off else "stores_skipped_floor"
+        for cand in batch:
+            self.counters.add(name, 1, cand.group)
+        return StorePlan(skipped=batch)
 
     def _floor_excess(self) -> int:
-        """Bytes over the free-space floor's limit now (0 while backing off)."""
-        limit = self.disk_floor.limit(self.index.bytes_stored, self.index.bytes_used)
-        if limit is None or self.disk_floor.backing_off():
-            return 0
-        return max(0, self.index.bytes_used - limit)
+        return self.disk_floor.excess(self.index.bytes_stored, self.index.bytes_used)
 
     def store_failed_no_space(self, count: int = 1) -> None:
         """``count`` stores failed with ENOSPC/EDQUOT (the worker's report): measure the
