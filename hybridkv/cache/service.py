@@ -214,7 +214,7 @@ class CacheService:
         floor = self.disk_floor
         limit = floor.limit(self.index.bytes_stored, self.index.bytes_used)
         if floor.backing_off() or floor.short:
-            return self._skip_for_space(batch, limit)
+            return self._skip_for_space(batch, limit, request)
         budget = self.config.disk_budget
         if limit is not None and (budget is None or limit < budget):
             budget, skip_cause = limit, "stores_skipped_floor"
@@ -238,11 +238,13 @@ class CacheService:
         plan.admitted = [c for c in batch if c.key in admitted]  # the caller's order
         return plan
 
-    def _skip_for_space(self, batch: list[Candidate], limit: int) -> StorePlan:
+    def _skip_for_space(self, batch: list[Candidate], limit: int,
+                        request: RequestView) -> StorePlan:
         """Below the floor: store nothing; evict a bounded round (not while backing off,
-        and only where this engine may evict)."""
+        only where this engine may evict, never the storing request's chunks)."""
         backing_off = self.disk_floor.backing_off()
         if not backing_off and (self.fleet is None or self.fleet.holder):
+            self.capacity.open_request(request)
             self.capacity.set_budget(limit)
             self.drop(self.capacity.enforce())
         name = "stores_skipped_disk_full" if backing_off else "stores_skipped_floor"
