@@ -212,3 +212,25 @@ def test_one_warning_per_cause_per_minute(caplog):
         clock.t += 61
         assert w.warn("no_space", "full")
     assert "49 more of this cause" in caplog.text
+
+
+def test_the_fleet_honours_the_floor_and_only_the_lease_holder_evicts(tmp_path):
+    clock = Clock()
+    fs = FakeFs(tmp_path, total=40 * CHUNK)
+    settings = dict(disk_budget=1000 * CHUNK, fleet="on", min_free_space=8 * CHUNK,
+                    refresh_interval=0)
+    holder = service(tmp_path, fs, clock, **settings)
+    other = service(tmp_path, fs, clock, **settings)
+    assert holder.fleet.holder and not other.fleet.holder
+    lowest = fs.total
+    for i in range(12):
+        for name, svc in (("h", holder), ("o", other)):
+            store_request(svc, f"{name}{i}")
+            lowest = min(lowest, fs.free())
+        clock.t += 0.6
+    # each engine sees the other's writes at its next probe (once a second): the allowance is
+    # what the other stores within one interval (two requests of 3 chunks here)
+    assert lowest >= 8 * CHUNK - 6 * (CHUNK + 4096), lowest
+    assert holder.counters.get("chunks_evicted") > 0
+    assert other.counters.get("chunks_evicted") == 0, "a member without the lease evicted"
+    assert other.counters.get("stores_skipped_floor") > 0  # it trimmed its plans instead
