@@ -4,7 +4,7 @@ Invariants:
 - ``failure_line`` names every cause of ``FAILURE_CAUSES`` (zeros included) from the
   summed counters, with the stores skipped for space beside them.
 - ``space_line`` is one line, or None when the filesystem has room above its floor
-  and no store failed for lack of space; it reads the free space itself (one
+  and no store failed or was skipped for lack of space; it reads the free space itself (one
   ``statvfs``), so it speaks even where a full disk kept the counters from being
   written.
 """
@@ -52,4 +52,8 @@ def space_line(cache_dir: str | os.PathLike, totals: dict[str, int],
     if failed:
         return (f"{failed} stores failed for lack of space in {cache_dir} ({where}): a full "
                 "disk or quota at the time; hybridkv evicted and backed off")
+    if skipped:
+        return (f"the cache directory's filesystem is at the free-space floor ({cache_dir}: "
+                f"{where}): {skipped} stores skipped to keep it free; give the cache more "
+                "space or lower min_free_space")
     return None

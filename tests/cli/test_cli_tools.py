@@ -500,3 +500,15 @@ def test_stats_prints_store_failures_by_cause(tmp_path, capsys):
     # one line about the disk: the failures were for lack of space (past, or the disk is
     # below its floor now)
     assert "3 stores failed for lack of space" in out or "below the free-space floor" in out
+
+
+def test_the_space_line_names_each_state(tmp_path):
+    from hybridkv.tools.disk_report import space_line
+
+    assert space_line(tmp_path, {}, 0) is None  # room, nothing failed or skipped
+    skipped = space_line(tmp_path, {"stores_skipped_floor": 5}, 0)
+    assert "at the free-space floor" in skipped and "5 stores skipped" in skipped
+    below = space_line(tmp_path, {}, "100%")  # no filesystem has all of itself free
+    assert "below the free-space floor" in below
+    missing = space_line(tmp_path / "nowhere", {})
+    assert missing.startswith("cannot read the free space of")
