@@ -102,7 +102,7 @@ def test_without_budget_the_floor_holds_tokens_match_and_a_second_engine_hits(ti
     expected = [r["output"] for r in baseline["requests"]]
 
     mount = tmp_path / "mnt"
-    proc = in_tmpfs(mount, "1600k", [session(model, mount / "kv", plan_a, tmp_path / "a.json"),
+    proc = in_tmpfs(mount, "1360k", [session(model, mount / "kv", plan_a, tmp_path / "a.json"),
                                      session(model, mount / "kv", plan_b, tmp_path / "b.json")])
     _check(proc)
     a = json.loads((tmp_path / "a.json").read_text())
