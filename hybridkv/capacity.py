@@ -52,6 +52,7 @@ class Capacity:
         self.index = index
         self.policy = policy
         self.budget = budget
+        self.headroom_fraction = headroom
         #: bytes freed beyond the shortfall when eviction runs, so it runs rarely
         self.headroom = int(budget * headroom) if budget is not None else 0
         #: how many times the policy was asked for victims on the store path
@@ -61,6 +62,12 @@ class Capacity:
         self.orphans: set[bytes] | None = None
         self._open: dict[str, set[bytes]] = {}
         policy.attach(index)
+
+    def set_budget(self, budget: int | None) -> None:
+        """A new budget (the service's free-space floor moves it); the headroom follows."""
+        if budget != self.budget:
+            self.budget = budget
+            self.headroom = int(budget * self.headroom_fraction) if budget is not None else 0
 
     # ------------------------------------------------------------------ loads
     def load(self, keys: Sequence[bytes]) -> None:

@@ -28,6 +28,7 @@ from hybridkv import tools
 from hybridkv.stats import read_stats
 from hybridkv.store.file_map import LAYOUT_NAME, read_layout_file
 from hybridkv.store.fileio import FileIO
+from hybridkv.tools.disk_report import failure_line, space_line
 from hybridkv.store.format import ChunkError
 
 __all__ = ["main"]
@@ -193,6 +194,10 @@ def cmd_demo(args) -> int:
     total = in_b.get("all", {})
     print(f"\ntokens served from disk in engine B: {total.get('tokens_from_disk', 0)}; "
           f"load failures: {total.get('load_failures', 0)}")
+    print(failure_line(after_b.get("all", {})) + " (A and B)")
+    space = space_line(cache_dir, after_b.get("all", {}), settings.get("min_free_space"))
+    if space is not None:
+        print(space)
     same = all(ra["output"] == rb["output"] for ra, rb in zip(a["requests"], b["requests"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"A": a, "B": b, "stats_A": after_a,
@@ -204,9 +209,16 @@ def cmd_stats(args) -> int:
     root = Path(args.cache_dir)
     if not root.is_dir():
         raise UsageError(f"--cache-dir {args.cache_dir}: no such directory")
+    failed = 0
     for layout_dir in sorted(p for p in root.iterdir() if (p / "stats").is_dir()):
+        stats = read_stats(layout_dir / "stats")
         print(f"{layout_dir.name}:")
-        print(json.dumps(read_stats(layout_dir / "stats"), indent=1, sort_keys=True))
+        print(json.dumps(stats, indent=1, sort_keys=True))
+        print(failure_line(stats.get("all", {})))
+        failed += stats.get("all", {}).get("store_failures_no_space", 0)
+    space = space_line(root, {"store_failures_no_space": failed})  # the default floor
+    if space is not None:
+        print(space)
     return 0
 
 

@@ -107,6 +107,12 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: also keep windows / states every this many chunks (0: only at request ends and branches)
     checkpoint_interval: Annotated[int, _valid(
         "expected a number of chunks >= 0 (0: off)", ge=0)] = 0
+    #: free space the cache filesystem keeps: bytes, "N%" of the filesystem, or None (the
+    #: default: 5% of the filesystem or 4 GiB, whichever is smaller); 0: no floor
+    min_free_space: Annotated[int, _valid(
+        "expected a size >= 0 or a percentage such as '5%'", ge=0)] | Annotated[
+        str, _valid("expected a size >= 0 or a percentage such as '5%'",
+                    pattern=r"^(100(\.0+)?|[0-9]{1,2}(\.[0-9]+)?)%$")] | None = None
     #: fraction of disk_budget freed beyond the need when eviction runs (fewer, larger runs)
     eviction_headroom: Annotated[float, _valid(
         "expected a fraction of disk_budget in 0..0.5", ge=0, le=0.5)] = DEFAULT_HEADROOM
@@ -206,6 +212,13 @@ def _path(value: Any, key: str) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
+def _size_or_percent(value: Any, key: str) -> Any:
+    """``"5%"`` stays a percentage (of the filesystem, known at start); sizes -> bytes."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        return value.strip()
+    return parse_size(value, key)
+
+
 def _on_off(value: Any, key: str) -> Any:
     return {True: "on", False: "off"}[value] if isinstance(value, bool) else value
 
@@ -215,6 +228,7 @@ def _on_off(value: Any, key: str) -> Any:
 _SPELLINGS: dict[str, Callable[[Any, str], Any]] = {
     "cache_dir": _path,
     "disk_budget": parse_size,
+    "min_free_space": _size_or_percent,
     "file_mode": _octal,
     "dir_mode": _octal,
     "integrity_key_file": _path,

@@ -7,7 +7,9 @@ fleet's grants, and the accounting of what this engine writes and unlinks.
 
 Invariants:
 - Only the lease holder evicts: ``capacity.budget`` is the configured budget while
-  this engine holds the lease and None otherwise (``tick`` keeps it so).
+  this engine holds the lease and None otherwise (``tick`` keeps it so). The holder
+  also evicts what ``floor_excess()`` asks for the filesystem's free-space floor
+  (``DiskFloor``), so one engine evicts at a time for the floor too.
 - Every admitted store is reserved with the fleet before it is written
   (``admit``) and its reservation returned when it ends (``store_done``), with the
   bytes really written; nothing past a chunk the fleet had no room for is stored.
@@ -40,8 +42,11 @@ Drop = Callable[[list[bytes], str], None]
 class FleetSync:
     def __init__(self, store: ChunkStore, index: ChunkIndex, capacity: Capacity,
                  config: HybridKVConfig, counters: Counters, drop: Drop, *,
-                 clock: Callable[[], float] | None = None, executor: Executor | None = None):
+                 clock: Callable[[], float] | None = None, executor: Executor | None = None,
+                 floor_excess: Callable[[], int] | None = None):
         self.store = store
+        #: bytes to evict now for the free-space floor (the service's ``DiskFloor``)
+        self.floor_excess = floor_excess
         self.index = index
         self.capacity = capacity
         self.config = config
@@ -74,6 +79,10 @@ class FleetSync:
             self.sync()
         elif action is FleetAction.EVICT:
             self.evict(member.wanted)  # room for the largest refused batch
+        if member.holder and self.floor_excess is not None:
+            over = self.floor_excess()
+            if over > 0:
+                self._shed(over)
 
     def sync(self, wait: bool = False) -> None:
         """Holder: list the directory (in a thread), then index what it found, evict for

@@ -42,6 +42,7 @@ import numpy as np
 from hybridkv.cache.service import CacheService
 from hybridkv.keys import key_group
 from hybridkv.store.direct import aligned_empty
+from hybridkv.store.failures import NO_SPACE, Warnings, failure_cause
 from hybridkv.store.format import ChunkError, ChunkHeader
 
 __all__ = ["JobRunner", "JobOutcome", "ReadChunk", "FillChunk"]
@@ -91,6 +92,7 @@ class JobRunner:
         self._closed = False
         #: lookups answered while the control thread held the service (not counted there)
         self.busy_lookups = 0
+        self._warnings = Warnings(log)  # one warning per cause per minute
 
     # ------------------------------------------------------------------ caller's thread
     def lookup(self, key: bytes) -> bool | None:
@@ -216,10 +218,14 @@ class JobRunner:
 
     def _commit_store(self, done, failed) -> None:
         with self.lock:
-            self.service.store_done(done + failed)
-            counters = self.service.counters
-            for key in failed:
-                counters.add("store_failures", 1, key_group(key))
+            service = self.service
+            service.store_done(done + [k for k, _ in failed])
+            for key, cause in failed:
+                service.counters.add("store_failures", 1, key_group(key))
+                service.counters.add(f"store_failures_{cause}", 1, key_group(key))
+            no_space = sum(cause == NO_SPACE for _, cause in failed)
+            if no_space:  # evict a bounded round, back off while the filesystem stays full
+                service.store_failed_no_space(no_space)
 
     def _commit_load(self, done, failed, nbytes) -> None:
         with self.lock:
@@ -245,7 +251,7 @@ class JobRunner:
     # ------------------------------------------------------------------ I/O threads
     def _write_all(self, job_id, admitted, read, started) -> None:
         done: list[bytes] = []
-        failed: list[bytes] = []
+        failed: list[tuple[bytes, str]] = []
         nbytes = 0
         for key, position, parent in admitted:
             try:
@@ -253,10 +259,12 @@ class JobRunner:
                                            arrays=read(key), parent=parent)
                 done.append(key)
             except Exception as exc:  # the chunk stays unstored; nothing half-visible
-                log.warning("hybridkv: store of chunk %s failed: %s", key.hex()[:16], exc)
-                failed.append(key)
+                cause = failure_cause(exc)
+                self._warnings.warn(cause, "hybridkv: store of chunk %s failed (%s): %s",
+                                    key.hex()[:16], cause, exc)
+                failed.append((key, cause))
         self._finished.append(JobOutcome(job_id=job_id, is_load=False, done=done,
-                                         failed=failed, nbytes=nbytes,
+                                         failed=[k for k, _ in failed], nbytes=nbytes,
                                          seconds=time.perf_counter() - started))
         self._control.submit(self._settle, True, self._commit_store, done, failed)
 

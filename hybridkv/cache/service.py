@@ -14,7 +14,10 @@ Invariants:
 - ``plan_stores`` never admits a key that is stored or being stored (dedup, also
   against another engine's file); admission, eviction and the budget are
   ``Capacity``'s (the code the simulator runs); with the fleet on, every admitted
-  store also fits the fleet's budget.
+  store also fits the fleet's budget. Every admitted store also fits above the
+  filesystem's free-space floor as ``DiskFloor`` last measured it (its limit
+  tightens the budget; only an engine that may evict, not a fleet member without
+  the lease, evicts for it); while ``DiskFloor`` backs off nothing is admitted.
 - Every key that leaves the index has its file deleted here (``drop``), is counted
   once by cause, and is reported once to ``on_change(keys, removed=True)``; every
   completed store is reported once to ``on_change(keys, removed=False)``.
@@ -32,10 +35,12 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Executor
 
+from hybridkv.cache.disk_floor import DiskFloor
 from hybridkv.cache.fleet_sync import FleetSync
 from hybridkv.cache.presence import Presence, Verdict
 from hybridkv.capacity import Capacity, StorePlan
@@ -66,7 +71,8 @@ class CacheService:
                  on_change: OnChange | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time,
-                 executor: Executor | None = None):
+                 executor: Executor | None = None,
+                 statvfs: Callable[[str], os.statvfs_result] = os.statvfs):
         self.store = store
         self.layout = store.layout
         self.config = config
@@ -90,6 +96,9 @@ class CacheService:
         self.capacity = Capacity(self.index, policy or LRUPolicy(), config.disk_budget,
                                  headroom=config.eviction_headroom)
         self.capacity.orphans = set()  # ``drop`` counts them as their own cause
+        #: the free-space floor (``min_free_space``) and the no-space back-off
+        self.disk_floor = DiskFloor(store.paths.layout_dir, config.min_free_space,
+                                    clock=clock, statvfs=statvfs)
         self.startup_seconds["capacity"] = time.perf_counter() - mark
         self.counters.add("startup_chunks", len(self.index))
         self.counters.add("startup_tmp_removed", removed_tmp)
@@ -101,7 +110,8 @@ class CacheService:
         self.fleet: FleetSync | None = None
         if config.fleet_enabled:
             self.fleet = FleetSync(store, self.index, self.capacity, config, self.counters,
-                                   self.drop, clock=wall_clock, executor=executor)
+                                   self.drop, clock=wall_clock, executor=executor,
+                                   floor_excess=self._floor_excess)
         self.drop(self.capacity.enforce())
         self.counters.flush(force=True)
         self.startup_seconds["fleet_enforce_flush"] = time.perf_counter() - mark
@@ -226,7 +236,20 @@ class CacheService:
             batch.append(Candidate(
                 key, group, position, self.layout.group(group).chunk_bytes + HEADER_ALLOWANCE,
                 by_position.get((group, position - self.chunk_tokens[group]))))
+        floor = self.disk_floor
+        limit = floor.limit(self.index.bytes_stored, self.index.bytes_used)
+        if floor.backing_off() or floor.short:
+            return self._skip_for_space(batch, limit, request)
+        budget = self.config.disk_budget
+        if limit is not None and (budget is None or limit < budget):
+            budget, skip_cause = limit, "stores_skipped_floor"
+        else:
+            skip_cause = "stores_skipped_budget"
+        if self.fleet is None or self.fleet.holder:  # who may evict, evicts for the floor too
+            self.capacity.set_budget(budget)
         plan = self.capacity.offer(batch, request)
+        if limit is not None:  # a fleet member without the lease did not evict for it
+            self.disk_floor.trim(plan, self.capacity, limit)
         # delete first: the fleet's admission may sync, and a listing must not find (and
         # index again) the files of chunks just evicted
         self.drop(plan.evicted)
@@ -235,10 +258,33 @@ class CacheService:
         for cand in plan.rejected:
             self.counters.add("stores_not_admitted", 1, cand.group)
         for cand in plan.skipped:
-            self.counters.add("stores_skipped_budget", 1, cand.group)
+            self.counters.add(skip_cause, 1, cand.group)
         admitted = {c.key for c in plan.admitted}
         plan.admitted = [c for c in batch if c.key in admitted]  # the caller's order
         return plan
+
+    def _skip_for_space(self, batch: list[Candidate], limit: int,
+                        request: RequestView) -> StorePlan:
+        """Below the floor: store nothing; evict a bounded round (not while backing off,
+        only where this engine may evict, never the storing request's chunks)."""
+        backing_off = self.disk_floor.backing_off()
+        if not backing_off and (self.fleet is None or self.fleet.holder):
+            self.capacity.open_request(request)
+            self.capacity.set_budget(limit)
+            self.drop(self.capacity.enforce())
+        name = "stores_skipped_disk_full" if backing_off else "stores_skipped_floor"
+        for cand in batch:
+            self.counters.add(name, 1, cand.group)
+        return StorePlan(skipped=batch)
+
+    def _floor_excess(self) -> int:
+        return self.disk_floor.excess(self.index.bytes_stored, self.index.bytes_used)
+
+    def store_failed_no_space(self, count: int = 1) -> None:
+        """``count`` stores failed with ENOSPC/EDQUOT (the worker's report): measure the
+        free space now, evict a bounded round, back off if it stays full (``DiskFloor``)."""
+        self.counters.add("stores_failed_no_space", count)
+        self.disk_floor.no_space(self.index.bytes_stored, self.index.bytes_used)
 
     def store_done(self, keys: Collection[bytes]) -> list[ChunkRecord]:
         """Stores of ``keys`` ended (written or not): index what is complete on disk.
@@ -265,6 +311,8 @@ class CacheService:
             self.counters.add("chunks_stored", 1, group)
             self.counters.add("bytes_stored", record.size, group)
             stored.append(record)
+        if stored and not self.store.layout_written:  # the disk was full at start
+            self._write_layout_file()
         if stored and self.on_change is not None:
             self.on_change([r.key for r in stored], False)
         self.drop(evicted)
@@ -272,6 +320,12 @@ class CacheService:
         self.counters.flush()
         self.maintain()
         return stored
+
+    def _write_layout_file(self) -> None:
+        try:
+            self.store.ensure_dirs()
+        except (OSError, ChunkError) as exc:
+            log.debug("hybridkv: layout.json not written yet: %s", exc)
 
     def note_prompt_tokens(self, request_id: str, num_tokens: int) -> None:
         """The prompt length of a request, before its stores (hit points of the policy)."""

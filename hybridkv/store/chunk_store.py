@@ -101,6 +101,8 @@ class ChunkStore:
         self.fingerprint = layout.fingerprint
         self.paths = FileMap(cache_dir, self.fingerprint, rank)
         self.io = io or FileIO()
+        #: ``ensure_dirs`` succeeded (False: not yet, e.g. the disk was full at start)
+        self.layout_written = False
         if io_mode is not None:
             self.io.io_mode = io_mode
         self.tagger = Tagger(integrity_key) if integrity_key else None
@@ -117,6 +119,7 @@ class ChunkStore:
         self.check_layout_file()
         self.io.makedirs(self.paths.rank_dir())
         write_layout_file(self.io, self.paths.layout_file, self.layout)
+        self.layout_written = True
 
     def check_layout_file(self) -> None:
         """Refuse a layout directory written by a newer hybridkv (``ChunkTooNew``);

@@ -31,6 +31,12 @@ dict with an ``op``:
 - ``barrier`` ``dir, n``: wait until ``n`` sessions reached this point.
 - ``disk_usage``: record the bytes of the visible chunk files (and of temp
   files) under the layout directory, per group.
+- ``free_space``: the cache filesystem's free and total bytes now and the lowest
+  free space seen since the first ``free_space`` (sampled every 10 ms in a thread,
+  ``hybridkv.testing.disk_fill``; paused while ``fill`` itself fills).
+- ``fill`` ``keep=False, leave=0``: write a file beside the cache directory until
+  the filesystem has ``leave`` bytes free; ``keep``: keep it so (another program
+  that takes every byte hybridkv frees); ``unfill``: stop and delete it.
 - ``sleep`` ``s``; ``mark`` ``path`` (create a file, for a watching test).
 """
 
@@ -45,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridkv.store.format import FORMAT_VERSION, read_header
+from hybridkv.testing.disk_fill import Filler, FreeSpaceWatch
 from hybridkv.store.file_map import CHUNK_SUFFIX, TMP_SUFFIX
 
 __all__ = ["FaultPlan", "chunk_files", "rewrite_header"]
@@ -85,6 +92,8 @@ class FaultPlan:
         self.events: list[dict[str, Any]] = []
         self._known: set[Path] = set(chunk_files(self.layout_dir)) if self.layout_dir else set()
         self._mounted = False
+        self._watch: FreeSpaceWatch | None = None
+        self._filler: Filler | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -153,6 +162,10 @@ class FaultPlan:
         return {"files": self.files, "events": self.events}
 
     def finish(self) -> dict[str, dict[str, int]]:
+        if self._filler is not None:
+            self._do_unfill()
+        if self._watch is not None:
+            self._watch.close()
         if self._mounted:
             self._remount("rw")
         return self.own_stats()
@@ -207,6 +220,26 @@ class FaultPlan:
         tmp = temp_files(self.layout_dir) if self.layout_dir else []
         return {"chunk_bytes": sum(per_group.values()), "chunk_files": len(files),
                 "per_group": per_group, "temp_bytes": sum(p.stat().st_size for p in tmp)}
+
+    def _do_free_space(self) -> dict:
+        if self._watch is None:
+            self._watch = FreeSpaceWatch(self.cache_dir)
+        return self._watch.report()
+
+    def _do_fill(self, keep: bool = False, leave: int = 0) -> dict:
+        if self._watch is not None:
+            self._watch.pause(True)
+        self._filler = Filler(self.cache_dir.parent / "other-program.bin", keep=keep,
+                              leave=leave)
+        return {"filled": self._filler.written}
+
+    def _do_unfill(self) -> dict:
+        held = self._filler.stop()
+        self._filler = None
+        if self._watch is not None:
+            self._watch.lowest = self._watch.report()["free"]  # a new phase starts
+            self._watch.pause(False)
+        return {"held": held}
 
     def _do_snapshot(self, label: str) -> dict:
         now = set(chunk_files(self.layout_dir)) if self.layout_dir else set()

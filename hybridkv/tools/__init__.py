@@ -49,6 +49,9 @@ def add_parsers(sub) -> None:
     i = _parser(sub, "inspect", help="what a cache directory holds, per layout fingerprint")
     i.add_argument("--cache-dir", required=True)
     i.add_argument("--budget", default=None, help="disk budget (e.g. 200GiB) to report use against")
+    i.add_argument("--min-free-space", default=None,
+                   help="the engines' min_free_space (e.g. 10GiB or 5%%) to report the "
+                        "floor of (default: hybridkv's default floor)")
     i.add_argument("--fingerprint", action="append", default=[],
                    help="only this layout directory (repeatable)")
 
@@ -107,10 +110,11 @@ def _execute(args) -> tuple[dict, str, int]:
     show = not args.json
     if args.cmd == "inspect":
         from hybridkv.tools import inspect as mod
-        from hybridkv.tools.common import parse_budget
+        from hybridkv.tools.common import parse_budget, parse_min_free_space
 
         report = mod.inspect_cache(args.cache_dir, budget=parse_budget(args.budget),
-                                   fingerprints=tuple(args.fingerprint), show_progress=show)
+                                   fingerprints=tuple(args.fingerprint), show_progress=show,
+                                   min_free_space=parse_min_free_space(args.min_free_space))
         return report, mod.format_report(report), 0
     if args.cmd == "verify":
         from hybridkv.tools import verify as mod

@@ -166,6 +166,20 @@ def human_bytes(n: float | None) -> str:
     return f"{n:.2f} TiB"  # pragma: no cover
 
 
+def parse_min_free_space(value: str | None,
+                         option: str = "--min-free-space") -> int | str | None:
+    """``--min-free-space SIZE|N%`` as ``min_free_space`` takes it; ``ToolError`` naming it."""
+    if value is None:
+        return None
+    from hybridkv.config import ConfigError, HybridKVConfig
+
+    try:
+        return HybridKVConfig.from_extra_config(
+            {"cache_dir": ".", "min_free_space": value}).min_free_space
+    except ConfigError as exc:
+        raise ToolError(str(exc).replace("min_free_space", option, 1)) from None
+
+
 def parse_budget(value: str | None, option: str = "--budget") -> int | None:
     """``--budget SIZE`` as bytes (None when not given); ``ToolError`` naming the value."""
     if value is None:

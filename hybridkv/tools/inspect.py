@@ -3,7 +3,9 @@
 For each layout directory: the model, its groups (kind, window, chunk bytes),
 chunks and bytes per group, budget use (when ``--budget`` is given), the oldest
 and newest chunk, quarantined files, temp files (and how many are stale), and the
-age of each rank's index snapshot.
+age of each rank's index snapshot; for the cache directory, its filesystem's free
+space and the floor hybridkv keeps there (``min_free_space``, the default unless
+``--min-free-space`` is given).
 
 Invariants:
 - Reads only: no file is created, moved or removed.
@@ -19,6 +21,7 @@ import os
 import time
 from pathlib import Path
 
+from hybridkv.store.free_space import measure
 from hybridkv.tools.common import (
     LayoutDir,
     age_seconds,
@@ -96,11 +99,23 @@ def inspect_layout(ld: LayoutDir, *, budget: int | None = None,
 
 
 def inspect_cache(cache_dir: str | os.PathLike, *, budget: int | None = None,
-                  fingerprints: tuple[str, ...] = (), show_progress: bool = False) -> dict:
+                  fingerprints: tuple[str, ...] = (), show_progress: bool = False,
+                  min_free_space: int | str | None = None) -> dict:
     dirs = layout_dirs(cache_dir, fingerprints)
     return {"cache_dir": os.fspath(Path(cache_dir).resolve()), "budget": budget,
+            "filesystem": filesystem(cache_dir, min_free_space),
             "layouts": [inspect_layout(d, budget=budget, show_progress=show_progress)
                         for d in dirs]}
+
+
+def filesystem(cache_dir: str | os.PathLike, min_free_space: int | str | None) -> dict:
+    """Free and total bytes of the cache directory's filesystem and the floor."""
+    try:
+        space = measure(cache_dir, min_free_space)
+    except OSError as exc:
+        return {"error": exc.strerror or str(exc)}
+    return {"free_bytes": space.free, "total_bytes": space.total, "min_free_bytes": space.floor,
+            "min_free_space": min_free_space, "below_floor": space.below_floor}
 
 
 def _size(entry: os.DirEntry) -> int:
@@ -129,6 +144,15 @@ def _age(seconds: float | None) -> str:
 def format_report(report: dict) -> str:
     """The text form of ``inspect_cache``'s report."""
     lines = [f"cache dir {report['cache_dir']}: {len(report['layouts'])} layout(s)"]
+    fs = report.get("filesystem", {})
+    if "error" in fs:
+        lines.append(f"filesystem: cannot read its free space: {fs['error']}")
+    elif fs:
+        state = " (BELOW THE FLOOR: hybridkv evicts and stores less)" if fs["below_floor"] else ""
+        lines.append(f"filesystem: {human_bytes(fs['free_bytes'])} free of "
+                     f"{human_bytes(fs['total_bytes'])}; floor (min_free_space"
+                     f"{'' if fs['min_free_space'] is not None else ', default'}) "
+                     f"{human_bytes(fs['min_free_bytes'])}{state}")
     for lt in report["layouts"]:
         p = lt["parallel"]
         lines.append("")

@@ -18,6 +18,10 @@ request whose load failed looks up with ``max_num_new_tokens=0`` until it
 finishes: its retry recomputes instead of loading the same (possibly still
 unreadable) file again, so a persistent read error cannot loop.
 
+Stores that failed with ENOSPC/EDQUOT reach the scheduler side in the workers'
+stats of the step (``KVConnectorOutput.kv_connector_stats``, the
+``store_failures_by_cause`` series); the service then evicts and backs off.
+
 Only public vLLM API here (0.32 and 0.33): the job -> request map of loads
 comes from the connector metadata's ``load_jobs`` (``start_load_kv``), not
 the worker's private ``_load_jobs``; the no-reload rule goes through the
@@ -37,7 +41,7 @@ from vllm.v1.kv_cache_interface import KVCacheConfig
 from vllm.v1.outputs import KVConnectorOutput
 
 from hybridkv.vllm.manager import HybridKVManager
-from hybridkv.vllm.metrics import worker_stats
+from hybridkv.vllm.metrics import no_space_failures, worker_stats
 from hybridkv.vllm.spec import kv_cache_config_context
 from hybridkv.vllm.tier import HybridKVTier
 
@@ -149,6 +153,12 @@ class HybridKVConnector(OffloadingConnector):
         return chunk_events.describe(events) if chunk_events is not None else events
 
     def update_connector_output(self, connector_output: KVConnectorOutput):
+        # the workers' stats of this step say how many stores failed for lack of space:
+        # the service evicts (bounded) and backs off if the filesystem stays full
+        no_space = no_space_failures(connector_output.kv_connector_stats)
+        direct = self._direct() if self.connector_scheduler is not None else None
+        if no_space and direct is not None:  # (under the CPU tier the tier's writes tell it)
+            direct.cache.store_failed_no_space(no_space)
         failed = connector_output.failed_recving
         if failed and self.connector_scheduler is not None:
             self._no_reload.update(failed)

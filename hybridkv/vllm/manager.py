@@ -129,8 +129,10 @@ class HybridKVManager(OffloadingManager):
         """This step's counter gains and changed gauges for vLLM's ``/metrics``
         (``hybridkv.vllm.metrics``)."""
         self.cache.fold_lookups()
+        floor = self.cache.disk_floor
         return manager_stats(self.cache.counters, self.cache.layout, self.disk_usage,
-                             self.cache.config.disk_budget, self._gauges_sent)
+                             self.cache.config.disk_budget, self._gauges_sent,
+                             free=floor.free, floor=floor.floor if floor.probes else None)
 
     # ------------------------------------------------------------------ lifetime
     def reset_cache(self) -> None:

@@ -35,7 +35,8 @@ from hybridkv.groups import HybridLayout
 from hybridkv.index import STORED, ChunkIndex
 from hybridkv.stats import Counters
 
-__all__ = ["PREFIX", "DiskUsage", "manager_stats", "metric_definitions", "worker_stats"]
+__all__ = ["PREFIX", "DiskUsage", "manager_stats", "metric_definitions", "no_space_failures",
+           "worker_stats"]
 
 PREFIX = "vllm:kv_offload_hybridkv_"
 GROUP = ("group", "kind")
@@ -58,12 +59,19 @@ _GROUP_COUNTERS = {
                               "room within disk_budget after eviction (or the fleet refused)."),
     "store_failures": ("store_failures", "Chunk writes that failed in a worker (no file is "
                        "left; the chunk is not stored)."),
+    "stores_skipped_floor": ("stores_skipped_floor", "Chunks not stored: the filesystem's free "
+                             "space would go below min_free_space (after eviction)."),
+    "stores_skipped_disk_full": ("stores_skipped_disk_full", "Chunks not stored while "
+                                 "hybridkv backs off a filesystem that stays full."),
 }
 #: per-group counters with one more label: counter name prefix -> (suffix, label, doc)
 _LABELLED_COUNTERS = {
     "load_failures_": ("load_failures", "reason", "Chunk loads that failed (the request is "
                        "recomputed), by reason: the error class (ChunkMissing, ChunkCorrupt, "
                        "ChunkUntrusted, ChunkUnreadable, ...)."),
+    "store_failures_": ("store_failures_by_cause", "cause", "Chunk writes that failed in a "
+                        "worker, by cause: no_space (ENOSPC, EDQUOT), permission (EACCES, "
+                        "EPERM), read_only (EROFS), other."),
     "chunks_evicted_": ("evicted_chunks", "cause", "Chunk files deleted, by cause: budget "
                         "(eviction to stay within disk_budget), orphan (its prefix left), "
                         "failed_verification (a load found it bad), gone (deleted or changed "
@@ -84,6 +92,9 @@ _GAUGES = {
                    "knows them (with fleet=on, the whole directory after a sync)."),
     "disk_chunks": (GROUP, "Chunk files on disk per group, as this engine's index knows them."),
     "disk_budget_bytes": ((), "disk_budget in bytes (absent when unbounded)."),
+    "fs_free_bytes": ((), "Free bytes of the cache directory's filesystem at the last "
+                      "statvfs probe (at most one a second)."),
+    "min_free_bytes": ((), "min_free_space in bytes: the free space hybridkv keeps."),
 }
 
 
@@ -184,7 +195,8 @@ class DiskUsage:
 
 
 def manager_stats(counters: Counters, layout: HybridLayout, usage: DiskUsage,
-                  budget: int | None, last: dict) -> OffloadingConnectorStats | None:
+                  budget: int | None, last: dict, *, free: int | None = None,
+                  floor: int | None = None) -> OffloadingConnectorStats | None:
     """The scheduler side's stats for one step: counter gains, and the gauges when they
     changed since ``last`` (a dict the caller keeps; Prometheus keeps a gauge's value)."""
     stats = counter_stats(counters.take_delta(), layout)
@@ -194,6 +206,10 @@ def manager_stats(counters: Counters, layout: HybridLayout, usage: DiskUsage,
                    for g, labels in _group_labels(layout).items()})
     if budget is not None:
         gauges[(PREFIX + "disk_budget_bytes", ())] = budget
+    if free is not None:
+        gauges[(PREFIX + "fs_free_bytes", ())] = free
+    if floor is not None:
+        gauges[(PREFIX + "min_free_bytes", ())] = floor
     for (name, labels), value in gauges.items():
         if last.get((name, labels)) != value:
             stats.set_gauge(name, value, labels)
@@ -210,3 +226,14 @@ def worker_stats(worker) -> OffloadingConnectorStats | None:
         return None
     stats = counter_stats(counters.take_delta(), store.layout)
     return None if stats.is_empty() else stats
+
+
+def no_space_failures(stats) -> int:
+    """Chunk writes that failed for lack of space in the workers' stats of one step
+    (``KVConnectorOutput.kv_connector_stats``; 0 for None or another connector's)."""
+    data = getattr(stats, "data", None)
+    if not isinstance(data, dict):
+        return 0
+    series = data.get("data", {}).get(PREFIX + "store_failures_by_cause", {})
+    return int(sum(v for labels, v in series.items()
+                   if tuple(labels)[-1:] == ("no_space",)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 from collections.abc import Iterator
 
 from vllm.v1.kv_cache_interface import KVCacheConfig
@@ -30,11 +31,14 @@ from hybridkv.cost import PrefillCost
 from hybridkv.policies import make_policy
 from hybridkv.stats import Counters
 from hybridkv.store.chunk_store import ChunkStore
+from hybridkv.store.failures import NO_SPACE, failure_cause
 from hybridkv.store.fileio import FileIO
 from hybridkv.store.format import ChunkTooNew
 from hybridkv.vllm.events import ChunkEvents, group_event_specs
 from hybridkv.vllm.layout import layout_from_vllm
 from hybridkv.vllm.metrics import metric_definitions
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HybridKVSpec", "handed_kv_cache_config", "kv_cache_config_context", "make_policy_for",
            "open_store"]
@@ -71,6 +75,12 @@ def open_store(c: HybridKVConfig, layout, rank: int, *, io: FileIO | None = None
     except ChunkTooNew as exc:
         raise too_new(store, exc) from exc
     except OSError as exc:
+        if failure_cause(exc) == NO_SPACE:  # a full disk is no configuration error:
+            log.warning(  # serve what is there; stores wait for free space (DiskFloor)
+                "hybridkv: the filesystem of %s is full (%s): starting anyway; chunks "
+                "are stored again once there is free space above min_free_space",
+                store.paths.layout_dir, exc)
+            return store
         raise ConfigError(
             f"cache_dir: cannot write chunks under {store.paths.layout_dir}: {exc}; "
             "choose a writable directory or fix its permissions") from exc

@@ -16,7 +16,10 @@ Invariants:
   are kept in ``take_failed_loads()``, which ``HybridKVConnector`` turns into
   vLLM's ``failed_recving``, so vLLM recomputes the request
   (``kv_load_failure_policy="recompute"``) or ends it with an error
-  (``"fail"``). A failed store leaves no file, which the manager sees.
+  (``"fail"``). A failed store leaves no file, which the manager sees; it is
+  counted by cause (``store_failures_<cause>``, ``hybridkv.store.failures``),
+  which reaches the manager through the connector's stats (no space: evict,
+  back off) and is logged once per cause per minute, not once per chunk.
 - ``wait(job_ids)`` returns only after those jobs' tasks have finished; a
   finished task's device copies are complete.
 - Block <-> chunk mapping follows vLLM's scheduler: a group's blocks are
@@ -45,6 +48,7 @@ from hybridkv.keys import key_group
 from hybridkv.pages import host_buffer_bytes, load_chunk, make_copier, store_chunk
 from hybridkv.stats import Counters
 from hybridkv.store.chunk_store import ChunkStore
+from hybridkv.store.failures import Warnings, failure_cause
 from hybridkv.vllm.transfer import ChunkLoadSpec, ChunkStoreSpec
 
 __all__ = ["HybridKVWorker", "plan_chunks"]
@@ -126,6 +130,7 @@ class HybridKVWorker(OffloadingWorker):
         self._jobs: dict[int, _Job] = {}
         self._failed_loads: set[int] = set()
         self._lock = threading.Lock()
+        self._warnings = Warnings(log)
 
     def _check_layout(self) -> None:
         if len(self.refs) != len(self.group_ids):
@@ -236,8 +241,11 @@ class HybridKVWorker(OffloadingWorker):
                                   blocks=plan.blocks, position=position, parent=parent,
                                   after=after)
         except Exception as exc:
+            cause = failure_cause(exc)
             self.counters.add("store_failures", 1, group)
-            log.warning("hybridkv: store of chunk %s failed: %s", plan.key.hex()[:16], exc)
+            self.counters.add(f"store_failures_{cause}", 1, group)
+            self._warnings.warn(cause, "hybridkv: store of chunk %s failed (%s): %s",
+                                plan.key.hex()[:16], cause, exc)
             raise
         self.counters.add("chunks_written", 1, group)
         self.counters.add("bytes_written", written, group)

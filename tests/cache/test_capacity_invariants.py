@@ -39,6 +39,15 @@ its own mtime in write order (a restart rebuilds recency from mtimes, which
 tick in jiffies), every lookup miss re-checks the disk (no timed refresh), and
 the service runs on a clock only the ``wait`` rule advances.
 
+The floor variant gives the service a fake ``statvfs``: a filesystem a few chunks
+larger than the budget whose used bytes are the chunk files plus what rules
+``external_fill`` / ``external_free`` write beside them (another program), with
+``min_free_space`` a few chunks, and ``no_space`` reports a failed write for lack
+of space. On top of 1-5: a store admitted while the service's last free-space
+probe is current (taken after the last external change) never takes the free
+space below the floor; while the service backs off, nothing is admitted and
+nothing evicted.
+
 The fleet variant (``fleet="on"``, one engine) drives the same rules through the
 fleet's lease, grants and directory syncs (listings run inline), so files deleted
 behind the index's back are also found by a sync or by the stat before a HIT.
@@ -158,6 +167,8 @@ class CapacityMachine(RuleBasedStateMachine):
     REFRESH: float = 1e-9
     #: one disk budget for the directory through the fleet (lease, grants, syncs)
     FLEET: bool = False
+    #: a fake filesystem with a free-space floor (``min_free_space``) and external fills
+    FLOOR: bool = False
     #: per test run: how often the interesting things happened (the test is not vacuous)
     seen: dict[str, int] = {}
 
@@ -184,17 +195,36 @@ class CapacityMachine(RuleBasedStateMachine):
         store = ChunkStore(self.dir, self.layout)
         store.ensure_dirs()
         clock = lambda: self.now  # noqa: E731
+        extra = {"statvfs": self._statvfs} if self.FLOOR else {}
         return HybridKVManager(store, self.config, policy=make_policy(self.POLICY, self.layout),
-                               clock=clock, wall_clock=clock, executor=InlineExecutor())
+                               clock=clock, wall_clock=clock, executor=InlineExecutor(),
+                               **extra)
 
-    @initialize(budget_chunks=st.integers(3, 32))
-    def setup(self, budget_chunks: int) -> None:
+    # ------------------------------------------------------------------ the fake filesystem
+    def _free(self) -> int:
+        used = sum(p.stat().st_size for p in Path(self.dir).rglob("*") if p.is_file())
+        return max(0, self.fs_total - used - self.external)
+
+    def _statvfs(self, path: str) -> os.statvfs_result:
+        free = self._free()
+        return os.statvfs_result((1, 1, self.fs_total, free, free, 0, 0, 0, 0, 255))
+
+    @initialize(budget_chunks=st.integers(3, 32), floor_chunks=st.integers(1, 4),
+                slack_chunks=st.integers(-2, 6))
+    def setup(self, budget_chunks: int, floor_chunks: int, slack_chunks: int) -> None:
         fa = self.layout.group(self.backbone)
-        self.budget = budget_chunks * (fa.chunk_bytes + HEADER_ALLOWANCE)
+        unit = fa.chunk_bytes + HEADER_ALLOWANCE
+        self.budget = budget_chunks * unit
+        floor = {}
+        if self.FLOOR:  # the filesystem: budget + floor + slack (negative: the floor binds)
+            self.fs_total = self.budget + (floor_chunks + slack_chunks) * unit + 8192
+            self.external = 0
+            self.fs_changed = float("-inf")  # clock time of the last external change
+            floor = {"min_free_space": floor_chunks * unit}
         self.config = HybridKVConfig(cache_dir=self.dir, disk_budget=self.budget,
                                      eviction_policy=self.POLICY,
                                      refresh_interval=self.REFRESH, snapshot_interval=0,
-                                     fleet="on" if self.FLEET else "off")
+                                     fleet="on" if self.FLEET else "off", **floor)
         self.manager = self._new_manager()
 
     def teardown(self) -> None:
@@ -360,7 +390,14 @@ class CapacityMachine(RuleBasedStateMachine):
         positions = {k: (i + 1) * C for ks in req.keys.values() for i, k in enumerate(ks)}
         offer = [k for gi, ks in req.keys.items() for i, k in enumerate(ks) if (i + 1) * C > start]
         mine = req.all_keys
+        floor = m.cache.disk_floor
+        backing_off = self.FLOOR and floor.backing_off()
+        before = {e.key for e in self.index}
         out = self._call(m.prepare_store, offer, ctx, storing=mine)
+        if backing_off:  # the filesystem stays full: neither stores nor evictions
+            assert not out.keys_to_store and {e.key for e in self.index} == before
+            self._count("backed_off")
+        current = self.FLOOR and floor.probed_at > self.fs_changed
         assert out is not None
         spec = out.store_spec
         assert list(out.keys_to_store) == spec.keys
@@ -395,6 +432,9 @@ class CapacityMachine(RuleBasedStateMachine):
             self.deleted.discard(key)  # stored again after a delete behind our back
             written.append(key)
         self._call(m.complete_store, out.keys_to_store, ctx, storing=mine)
+        if current and written:  # the floor holds against what the service could know
+            assert self._free() >= floor.floor, (self._free(), floor.floor)
+            self._count("floor_checked")
         for key in failed:
             assert key not in self.index and not self.index.is_pending(key)
             assert not self.store.exists(key)
@@ -481,6 +521,27 @@ class CapacityMachine(RuleBasedStateMachine):
         self.now += seconds
         self._count("waits")
 
+    @precondition(lambda self: self.FLOOR)
+    @rule(share=st.sampled_from([0.3, 0.7, 1.0]))
+    def external_fill(self, share):
+        """Another program writes beside the cache: ``share`` of the free space."""
+        self.external += int(self._free() * share)
+        self.fs_changed = self.now
+        self._count("external_fills")
+
+    @precondition(lambda self: self.FLOOR)
+    @rule()
+    def external_free(self):
+        self.external = 0
+        self.fs_changed = self.now
+
+    @precondition(lambda self: self.FLOOR)
+    @rule()
+    def no_space(self):
+        """A worker's write failed with ENOSPC/EDQUOT (reported through the connector)."""
+        self._call(self.manager.cache.store_failed_no_space, 1)
+        self._count("no_space")
+
     @rule(data=st.data())
     def external_delete(self, data):
         files = chunk_files(self.store)
@@ -553,6 +614,13 @@ def run_machine(name: str, **attrs) -> dict[str, int]:
 def test_capacity_state_machine(layout_name, policy):
     run_machine(f"Capacity_{layout_name.replace('+', '_')}_{policy}",
                 LAYOUT=LAYOUTS[layout_name], POLICY=policy)
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_capacity_state_machine_with_a_floor_and_external_fills(layout_name):
+    seen = run_machine(f"Floor_{layout_name.replace('+', '_')}",
+                       LAYOUT=LAYOUTS[layout_name], FLOOR=True)
+    assert seen.get("external_fills", 0) > 0 and seen.get("floor_checked", 0) > 0, seen
 
 
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))

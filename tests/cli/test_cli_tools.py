@@ -467,3 +467,48 @@ def test_verify_with_the_integrity_key_rejects_an_untagged_file(tmp_path, capsys
     key_file.chmod(0o644)
     rc, _, err = cli(["verify", "--cache-dir", root, "--integrity-key-file", key_file], capsys)
     assert rc == 2 and err.count("\n") == 1 and str(key_file) in err
+
+
+def test_inspect_shows_the_free_space_and_the_floor(cache, capsys):
+    rc, out, err = cli(["inspect", "--cache-dir", cache["root"], "--json",
+                        "--min-free-space", "10%"], capsys)
+    assert rc == 0, err
+    fs = json.loads(out)["filesystem"]
+    st = os.statvfs(cache["root"])
+    assert fs["total_bytes"] == st.f_blocks * st.f_frsize
+    assert fs["min_free_bytes"] == int(fs["total_bytes"] * 0.10)
+    assert abs(fs["free_bytes"] - st.f_bavail * st.f_frsize) < 64 * 2**20  # moments apart
+    rc, text, _ = cli(["inspect", "--cache-dir", cache["root"]], capsys)
+    assert rc == 0 and "free of" in text and "floor (min_free_space, default)" in text
+    rc, _, err = cli(["inspect", "--cache-dir", cache["root"], "--min-free-space", "5x"],
+                     capsys)
+    assert rc == 2 and "--min-free-space" in err and "'5x'" in err and err.count("\n") == 1
+
+
+def test_stats_prints_store_failures_by_cause(tmp_path, capsys):
+    stats_dir = tmp_path / "abcd" / "stats"
+    stats_dir.mkdir(parents=True)
+    (stats_dir / "worker0-h-1.json").write_text(json.dumps(
+        {"all": {"store_failures": 4, "store_failures_no_space": 3,
+                 "store_failures_read_only": 1}}))
+    (stats_dir / "manager-h-1.json").write_text(json.dumps(
+        {"all": {"stores_skipped_disk_full": 7}}))
+    rc, out, _ = cli(["stats", "--cache-dir", str(tmp_path)], capsys)
+    assert rc == 0
+    assert ("store failures: no space 3, permission 0, read-only 1, other 0; stores skipped "
+            "for free space: 0 (floor), 7 (backing off a full disk)") in out
+    # one line about the disk: the failures were for lack of space (past, or the disk is
+    # below its floor now)
+    assert "3 stores failed for lack of space" in out or "below the free-space floor" in out
+
+
+def test_the_space_line_names_each_state(tmp_path):
+    from hybridkv.tools.disk_report import space_line
+
+    assert space_line(tmp_path, {}, 0) is None  # room, nothing failed or skipped
+    skipped = space_line(tmp_path, {"stores_skipped_floor": 5}, 0)
+    assert "at the free-space floor" in skipped and "5 stores skipped" in skipped
+    below = space_line(tmp_path, {}, "100%")  # no filesystem has all of itself free
+    assert "below the free-space floor" in below
+    missing = space_line(tmp_path / "nowhere", {})
+    assert missing.startswith("cannot read the free space of")

@@ -316,3 +316,23 @@ def test_metrics_follow_the_requests(tmp_path, tiny_model):
         totals = json.loads(body)
         for g, n in _per_group(second, "vllm:kv_offload_hybridkv_stored_chunks_total").items():
             assert totals[f"g{g}"]["chunks_stored"] == n
+
+
+@pytest.mark.fast
+def test_store_failures_by_cause_reach_the_metric_and_the_no_space_signal():
+    from hybridkv.vllm.metrics import counter_stats, metric_definitions, no_space_failures
+
+    delta = {"g0": {"store_failures_no_space": 3, "store_failures_permission": 1},
+             "g1": {"store_failures_no_space": 2, "stores_skipped_floor": 4}}
+    stats = counter_stats(delta, LAYOUT)
+    series = stats.data["data"]["vllm:kv_offload_hybridkv_store_failures_by_cause"]
+    assert series == {("0", "full_attention", "no_space"): 3,
+                      ("0", "full_attention", "permission"): 1,
+                      ("1", "sliding_window", "no_space"): 2}
+    assert len(metric_definitions()["vllm:kv_offload_hybridkv_store_failures_by_cause"]
+               .labelnames) == 3
+    assert stats.data["data"]["vllm:kv_offload_hybridkv_stores_skipped_floor"] == {
+        ("1", "sliding_window"): 4}
+    assert no_space_failures(stats) == 5  # what the connector hands the service
+    assert no_space_failures(None) == 0
+    assert no_space_failures(counter_stats({"g0": {"store_failures_other": 1}}, LAYOUT)) == 0
