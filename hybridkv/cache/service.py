@@ -18,6 +18,8 @@ Invariants:
 - Every key that leaves the index has its file deleted here (``drop``), is counted
   once by cause, and is reported once to ``on_change(keys, removed=True)``; every
   completed store is reported once to ``on_change(keys, removed=False)``.
+- With ``hit_cost_rule`` on, ``hit_pays`` is False only where ``HitCost`` expects the
+  load to be slower than recomputing (each refusal counted); off, it is always True.
 - All time comes from ``clock`` (time-to-lives, snapshot intervals) and
   ``wall_clock`` (the fleet's leases and heartbeats, compared across hosts); the
   fleet's directory listings run on ``executor`` (a thread of its own by default).
@@ -35,6 +37,7 @@ from hybridkv.cache.presence import Presence, Verdict
 from hybridkv.capacity import Capacity, StorePlan
 from hybridkv.chunks import ChunkRecord
 from hybridkv.config import HybridKVConfig
+from hybridkv.hit_cost import HitCost
 from hybridkv.index import ChunkIndex
 from hybridkv.keys import key_group
 from hybridkv.policies import Candidate, CapacityPolicy, LRUPolicy, RequestView
@@ -73,6 +76,8 @@ class CacheService:
         self._looked_up = [0] * 256
         self._found = [0] * 256
         self._prompt_tokens: dict[str, int] = {}  # request id -> prompt length
+        #: what a hit costs against a recompute (``hit_cost_rule``; None: every hit pays)
+        self.hit_cost = HitCost() if config.hit_cost_rule else None
         #: seconds each phase of the start took (``benchmarks/restart.py`` reports them)
         self.startup_seconds: dict[str, float] = {}
         started = time.perf_counter()
@@ -154,6 +159,25 @@ class CacheService:
         self.index.load([record])
         self.counters.add("refresh_found", 1, record.group)
         return True
+
+    # ------------------------------------------------------------------ hit cost
+    def hit_pays(self, tokens: int) -> bool:
+        """Report a servable hit of ``tokens`` tokens (True), or recompute them (False)?"""
+        if self.hit_cost is None or self.hit_cost.pays(tokens):
+            return True
+        self.counters.add("hits_refused_cost", 1)
+        self.counters.add("tokens_refused_cost", tokens)
+        return False
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        """The engine computed ``tokens`` tokens in one step of ``seconds``."""
+        if self.hit_cost is not None:
+            self.hit_cost.observe_step(tokens, seconds)
+
+    def observe_load(self, tokens: int, seconds: float) -> None:
+        """A hit of ``tokens`` tokens was ready ``seconds`` after it was scheduled."""
+        if self.hit_cost is not None:
+            self.hit_cost.observe_load(tokens, seconds)
 
     # ------------------------------------------------------------------ loads
     def load_started(self, keys: Collection[bytes]) -> None:
