@@ -21,6 +21,13 @@ CASES = [
     (["benchmarks/overhead.py", "--model", "llama"], "'llama'"),
     (["benchmarks/overhead.py", "--batch", "0"], "--batch"),
     (["benchmarks/overhead.py", "--model", "gemma3", "--prompt-tokens", "9000"], "9000"),
+    (["benchmarks/serving.py", "--model", "llama"], "'llama'"),
+    (["benchmarks/serving.py", "--rates", "1,x"], "'1,x'"),
+    (["benchmarks/serving.py", "--rates", "0"], "'0'"),
+    (["benchmarks/serving.py", "--workloads", "chat"], "'chat'"),
+    (["benchmarks/serving.py", "--blocks", "0"], "--blocks"),
+    (["benchmarks/serving.py", "--off-url", "http://x:1"], "--on-url"),
+    (["benchmarks/serving.py", "--plot", "/nonexistent/p.png"], "/nonexistent"),
 ]
 
 

