@@ -257,7 +257,8 @@ def main(argv=None) -> int:
                 replicas, router_pick = fleet.start_routed()
                 more = measure({"round_robin": round_robin(replicas), "router": router_pick},
                                ["shared_prefix"], cfg["rates"], shape, args.seed + 7,
-                               model_name, {})
+                               model_name, dict.fromkeys(("round_robin", "router"), [
+                                   fleet.cache_dir("a"), fleet.cache_dir("b")]))
                 runs["shared_prefix"].update(more["shared_prefix"])
         except RuntimeError as exc:
             print(f"serving.py: {exc}", file=sys.stderr)

@@ -29,14 +29,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def disk_tokens(cache_dir) -> int:
-    """hybridkv's ``tokens_from_disk``, summed over every layout under ``cache_dir``."""
+def disk_tokens(cache_dirs) -> int:
+    """hybridkv's ``tokens_from_disk``, summed over every layout under ``cache_dirs`` (a
+    directory or a list of them)."""
     from hybridkv.stats import read_stats
 
-    if not cache_dir:
+    if not cache_dirs:
         return 0
+    dirs = cache_dirs if isinstance(cache_dirs, (list, tuple)) else [cache_dirs]
     return sum(read_stats(d).get("all", {}).get("tokens_from_disk", 0)
-               for d in Path(cache_dir).glob("*/stats"))
+               for c in dirs for d in Path(c).glob("*/stats"))
 
 
 def _get(url: str, timeout: float = 5) -> bytes:
@@ -78,18 +80,20 @@ class Fleet:
                "VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
                                                           os.environ.get("PYTHONPATH")]))}
-        log = open(self.work / f"{name}.log", "w")
+        log = open(self.work / f"{name}.log", "a")  # a restart appends
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
                                 start_new_session=True)
         proc.name, proc.logfile = name, log  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
 
-    def start_engine(self, name: str, *, offload: bool, extra: list[str] = ()) -> tuple:
-        port = free_port()
+    def start_engine(self, name: str, *, offload: bool, extra: list[str] = (),
+                     cache_dir: Path | None = None, port: int | None = None) -> tuple:
+        """Start one server (``cache_dir``: default ``cache-<name>``); ``(proc, url)``."""
+        port = port or free_port()
         if offload:
             cmd = [sys.executable, "-m", "hybridkv.cli", "serve", self.model, "--cache-dir",
-                   str(self.cache_dir(name)), "--port", str(port)]
+                   str(cache_dir or self.cache_dir(name)), "--port", str(port)]
         else:
             cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
                    self.model, "--host", "127.0.0.1", "--port", str(port)]
@@ -154,6 +158,14 @@ class Fleet:
 
     def model_name_of(self, url: str) -> str:
         return json.loads(_get(url + "/v1/models"))["data"][0]["id"]
+
+    def kill(self, proc) -> None:
+        """SIGKILL a server's whole process group (its engine core too)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.logfile.close()
+        self.procs.remove(proc)
 
     def stop_all(self) -> None:
         for proc in self.procs:
