@@ -72,7 +72,11 @@ class HybridKVConnector(OffloadingConnector):
         if request.request_id in self._no_reload:  # the retry recomputes, never reloads
             return self.scheduler.get_num_new_matched_tokens(
                 request, num_computed_tokens, max_num_new_tokens=0)
+        started = time.perf_counter()
         hit, is_async = super().get_num_new_matched_tokens(request, num_computed_tokens)
+        if hit:
+            self.scheduler.manager.counters.add("lookup_hit_us",
+                                                int((time.perf_counter() - started) * 1e6))
         if hit and not self.scheduler.manager.cache.hit_pays(hit):  # recompute instead
             return self.scheduler.get_num_new_matched_tokens(
                 request, num_computed_tokens, max_num_new_tokens=0)
@@ -159,7 +163,10 @@ class HybridKVConnector(OffloadingConnector):
             for req_id in connector_output.finished_recving or ():
                 started = self._loads_started.pop(req_id, None)
                 if started is not None and req_id not in (failed or ()):
-                    self.scheduler.manager.cache.observe_load(started[1], now - started[0])
+                    manager = self.scheduler.manager
+                    manager.cache.observe_load(started[1], now - started[0])
+                    manager.counters.add("load_ready_us", int((now - started[0]) * 1e6))
+                    manager.counters.add("loads_ready")
         if failed and self.connector_scheduler is not None:
             self._no_reload.update(failed)
             manager = self.scheduler.manager
