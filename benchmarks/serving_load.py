@@ -99,6 +99,7 @@ class Result:
     tokens: list[int] = field(default_factory=list)
     error: str = ""
     replica: str = ""
+    sent_at: float = 0.0  # time.monotonic() when sent (to match against outside events)
 
 
 #: ``pick(req) -> (replica name, base URL)``: where a request goes (one server, round robin,
@@ -110,7 +111,7 @@ async def _one(session, pick, model: str, req: Req, sent: float, t0: float,
                timeout: float) -> Result:
     import aiohttp
 
-    res = Result(ok=False, sent=sent, prompt_tokens=len(req.prompt))
+    res = Result(ok=False, sent=sent, prompt_tokens=len(req.prompt), sent_at=time.monotonic())
     try:
         chosen = pick(req)
         name, url = (await chosen) if asyncio.isfuture(chosen) or asyncio.iscoroutine(chosen) \
