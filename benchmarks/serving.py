@@ -43,9 +43,8 @@ from serving_servers import Fleet, disk_tokens  # noqa: E402
 #: working set: reuse has to come from disk)
 QUICK = {"model": "gemma3", "rates": [1.0, 4.0], "blocks": 40, "max_model_len": 1280,
          "shape": Shape(groups=3, users=3, system=1024, question=64, answer=16, rounds=3)}
-FULL = {"model": "gemma3_bench", "rates": [0.25, 0.5, 1.0], "blocks": 104,
-        "max_model_len": 3328,
-        "shape": Shape(groups=4, users=6, system=2048, question=256, answer=32, rounds=4)}
+FULL = {"model": "gemma3_bench", "rates": [0.1, 0.2, 0.4], "blocks": 84, "max_model_len": 1536,
+        "shape": Shape(groups=3, users=3, system=1024, question=128, answer=16, rounds=3)}
 BINDING = "VLLM_CPU_NUM_OF_RESERVED_CPU=1, VLLM_CPU_KVCACHE_SPACE=1 for every server"
 
 
@@ -70,6 +69,7 @@ def parse(argv):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--plot", default=None, help="PNG: throughput and P90 TTFT vs rate")
     p.add_argument("--router", action="store_true", help="also (c): router vs round robin")
+    p.add_argument("--router-only", action="store_true", help="only (c), not (a) / (b)")
     p.add_argument("--model", default=None, help="model kind (default gemma3_bench; --quick gemma3)")
     p.add_argument("--rates", default=None, help="offered request rates, req/s")
     p.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -106,6 +106,7 @@ def check(args) -> dict:
             raise ValueError(f"--{flag} {value}: directory {Path(value).parent} does not exist")
     if args.on_cache_dir and not Path(args.on_cache_dir).is_dir():
         raise ValueError(f"--on-cache-dir {args.on_cache_dir}: no such directory")
+    args.router = args.router or args.router_only
     if args.router and args.off_url:
         raise ValueError("--router starts its own replicas: not with --off-url / --on-url")
     return {"kind": kind, "rates": rates, "workloads": workloads, "blocks": blocks,
@@ -176,7 +177,7 @@ def pair_target(a_rows, b_rows, key, goal, op, a_name, b_name) -> dict:
 def targets_of(runs: dict) -> dict:
     targets = {}
     sp = runs.get("shared_prefix", {})
-    if "on" in sp:
+    if "on" in sp and "off" in sp:
         targets["shared_prefix_total_tokens_per_s_on_vs_off"] = pair_target(
             sp["on"], sp["off"], "total_tokens_per_s", ">= 2.0", lambda r: r >= 2.0, "on", "off")
         targets["shared_prefix_p90_ttft_on_vs_off"] = pair_target(
@@ -199,7 +200,7 @@ def identical_outputs(runs: dict) -> dict:
     for w, by_target in runs.items():
         names = list(by_target)
         diff = 0
-        for i in range(len(by_target[names[0]])):
+        for i in range(len(by_target[names[0]]) if names else 0):
             rows = [by_target[n][i]["outputs"] for n in names if n in ("off", "on")]
             if len(rows) == 2:
                 diff += sum(a != b for a, b in zip(*rows) if a and b)
@@ -245,16 +246,21 @@ def main(argv=None) -> int:
                 servers = {"off": args.off_url.rstrip("/"), "on": args.on_url.rstrip("/")}
                 model_name = args.model_name or fleet.model_name_of(servers["off"])
                 cache_dirs = {"on": args.on_cache_dir} if args.on_cache_dir else {}
+            elif args.router_only:
+                servers, model_name, cache_dirs = {}, fleet.model, {}
             else:
                 servers = fleet.start_pair()
                 model_name, cache_dirs = fleet.model, {"on": fleet.cache_dir("on")}
-            picks = {name: round_robin({name: url}) for name, url in servers.items()}
-            warm_up(picks, model_name)
-            runs = measure(picks, cfg["workloads"], cfg["rates"], shape, args.seed, model_name,
-                           cache_dirs)
+            runs = {"shared_prefix": {}}
+            if not args.router_only:
+                picks = {name: round_robin({name: url}) for name, url in servers.items()}
+                warm_up(picks, model_name)
+                runs = measure(picks, cfg["workloads"], cfg["rates"], shape, args.seed,
+                               model_name, cache_dirs)
             if args.router:
                 fleet.stop_all()  # free the cores for the replicas
                 replicas, router_pick = fleet.start_routed()
+                warm_up({n: round_robin({n: u}) for n, u in replicas.items()}, model_name)
                 more = measure({"round_robin": round_robin(replicas), "router": router_pick},
                                ["shared_prefix"], cfg["rates"], shape, args.seed + 7,
                                model_name, dict.fromkeys(("round_robin", "router"), [
