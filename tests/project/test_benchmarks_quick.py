@@ -6,7 +6,8 @@ exactly one ``target NAME: FIGURE (goal GOAL) MET|MISSED`` line per target that
 says the same as the JSON. Whether a target is met is not checked here (speed is
 the benchmarks' business, and the box is shared and noisy); that the report is
 complete and consistent is. About 2 minutes on 2 shared cores, most of it restart.py,
-plus a few minutes for ttft.py and overhead.py (real engines; marked ``engine`` too).
+plus a few minutes for ttft.py, overhead.py and serving.py (real engines; marked ``engine``
+too).
 """
 
 from __future__ import annotations
