@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py, run or im
 from engine_runs import Engine  # noqa: E402
 from report import print_targets, save  # noqa: E402
 
+WARM_UP = 300  # tokens of each engine's first, untimed request
 STAGES = ("lookup_hit_us", "load_queue_us", "load_read_us", "load_copy_us", "load_job_us",
           "load_ready_us")
 
@@ -62,7 +63,13 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=None, help="paired rounds per length")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from hybridkv.demo.models import ALL_KINDS, BENCH_KINDS, BENCH_MAX_POSITIONS, MAX_POSITIONS
+    from hybridkv.demo.models import (
+        ALL_KINDS,
+        BENCH_KINDS,
+        BENCH_MAX_POSITIONS,
+        MAX_POSITIONS,
+        VLLM_ENGINE_KWARGS,
+    )
 
     kind = args.model or ("gemma3" if args.quick else "gemma3_bench")
     if kind not in ALL_KINDS:
@@ -73,8 +80,10 @@ def main(argv=None) -> int:
             "200,1024,1920" if args.quick else "200,1024,2048,8192")).split(","))
     except ValueError:
         return _fail(f"--lengths {args.lengths!r}: expected comma-separated integers")
-    if lengths[0] < 64 or lengths[-1] > limit:
-        return _fail(f"--lengths {args.lengths}: each must be in 64..{limit} for {kind}")
+    shortest = VLLM_ENGINE_KWARGS[kind]["block_size"] + 1  # a hit needs one whole chunk
+    if lengths[0] < shortest or lengths[-1] > limit:
+        return _fail(f"--lengths {args.lengths}: each must be in {shortest}..{limit} for {kind} "
+                     f"(a hit is the whole chunks before the last token)")
     pairs = args.pairs if args.pairs is not None else (3 if args.quick else 5)
     if pairs < 1:
         return _fail(f"--pairs must be >= 1 (got {pairs})")
@@ -134,7 +143,7 @@ def run(kind: str, lengths: list[int], pairs: int, seed: int, work: Path) -> lis
 
     model = str(build_tiny_model(kind, default_model_dir(kind)))
     rng = random.Random(seed)
-    base = {"model": model, "max_model_len": lengths[-1] + 64}
+    base = {"model": model, "max_model_len": max(lengths[-1], WARM_UP) + 64}
     names = ("off", "on", "rule")
     settings = {"on": {}, "rule": {"hit_cost_rule": True}}
     engines: dict[str, Engine] = {}
@@ -154,7 +163,7 @@ def run(kind: str, lengths: list[int], pairs: int, seed: int, work: Path) -> lis
 
         prompts = {n: [rng.randrange(4, 260) for _ in range(n)] for n in lengths}
         for name in names:  # warm-up on other tokens, not timed
-            gen(name, [rng.randrange(4, 260) for _ in range(300)])
+            gen(name, [rng.randrange(4, 260) for _ in range(WARM_UP)])
         for n, prompt in prompts.items():  # store, then teach the rule (two hits each)
             for name in ("on", "rule"):
                 gen(name, prompt)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -267,8 +268,9 @@ def main(argv=None) -> int:
                                    fleet.cache_dir("a"), fleet.cache_dir("b")]))
                 runs["shared_prefix"].update(more["shared_prefix"])
         except RuntimeError as exc:
-            print(f"serving.py: {exc}", file=sys.stderr)
+            print(f"serving.py: {exc} (logs in {work})", file=sys.stderr)
             return 1
+    shutil.rmtree(work, ignore_errors=True)  # kept only when something failed
     targets = targets_of(runs)
     different = identical_outputs(runs)
     print(f"greedy outputs that differ on vs off: {different} (tiny random models: float "

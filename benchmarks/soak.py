@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -248,11 +249,12 @@ def main(argv=None) -> int:
                       f"failed {counts['failed_killed']} (killed) + "
                       f"{counts['failed_not_killed']}", flush=True)
     except RuntimeError as exc:
-        print(f"soak.py: {exc}", file=sys.stderr)
+        print(f"soak.py: {exc} (logs in {work})", file=sys.stderr)
         return 1
     finally:
         if no_tmpfs is None:
             subprocess.run(["umount", "-l", str(cache)], capture_output=True)
+    shutil.rmtree(work, ignore_errors=True)  # kept only when something failed
     # hits continue after a fault: in its wave or the next (a full disk also stops the
     # counter files' writes until it is freed)
     hitless = sum(h["tokens_from_disk"] <= 0 and (i + 1 == len(hits_after_fault) or
