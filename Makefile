@@ -37,6 +37,9 @@ bench: setup
 	$(PY) benchmarks/routing.py --out routing.json
 	$(PY) benchmarks/ttft.py --runs-long 2 --out ttft.json
 	$(PY) benchmarks/overhead.py --out overhead.json
+	$(PY) benchmarks/serving.py --router --out serving.json --plot serving.png
+	$(PY) benchmarks/hit_cost.py --out hit_cost.json
+	$(PY) benchmarks/soak.py --out soak.json
 
 # the wheel as a user installs it: only [cpu], a fresh venv, outside the tree (a few minutes)
 install-check: setup

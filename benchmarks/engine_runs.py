@@ -76,7 +76,10 @@ def _disk_counters(cache_dir: str | None) -> dict[str, int]:
 
 
 def _delta(after: dict, before: dict) -> dict:
-    keys = ("tokens_from_disk", "chunks_loaded", "bytes_read", "load_failures", "chunks_written")
+    keys = ("tokens_from_disk", "chunks_loaded", "bytes_read", "load_failures", "chunks_written",
+            # where a hit's time goes (microseconds; benchmarks/hit_cost.py), the hit-cost rule
+            "lookup_hit_us", "load_queue_us", "load_read_us", "load_copy_us", "load_job_us",
+            "load_ready_us", "hits_refused_cost")
     return {k: after.get(k, 0) - before.get(k, 0) for k in keys}
 
 

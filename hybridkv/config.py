@@ -128,6 +128,9 @@ class HybridKVConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         "expected seconds in 0.1..3600", ge=0.1, le=3600)] = 5.0
     #: seconds the fleet's eviction lease lasts without renewal (an engine silent 2x this is dead)
     fleet_lease_ttl: Annotated[float, _valid("expected seconds in 1..3600", ge=1, le=3600)] = 15.0
+    #: report a disk hit only where loading it is expected faster than recomputing it
+    #: (``hybridkv.hit_cost``); False: every servable hit is reported
+    hit_cost_rule: bool = False
 
     @property
     def cache_path(self) -> Path:

@@ -5,9 +5,7 @@ the store, the index, ``Capacity`` and its policy, the index snapshot, the refre
 of other engines' files and the fleet budget, and speaks in chunk keys only.
 
 Invariants:
-- ``lookup`` is True only for keys whose file is complete: in the index (and,
-  where ``Presence`` says so, confirmed on disk) or found on disk by a refresh
-  after a miss (another engine's store).
+- ``lookup`` / ``lookup_cached`` are ``Lookups``'s (their invariants are there).
 - Keys passed to ``load_started`` are pinned until ``load_done``; eviction never
   removes a pinned key. A key whose load failed verification (its file was
   quarantined) leaves the index at ``load_done``.
@@ -21,12 +19,8 @@ Invariants:
 - Every key that leaves the index has its file deleted here (``drop``), is counted
   once by cause, and is reported once to ``on_change(keys, removed=True)``; every
   completed store is reported once to ``on_change(keys, removed=False)``.
-- ``lookup_cached`` does no I/O: it answers from memory, or None where only the disk
-  can tell (``lookup`` then must run off the caller's hot thread); like ``lookup`` it
-  is True only where ``lookup`` would be. With ``count=False`` it reads only what a
-  concurrent writer cannot break (one dict get, one bytearray item, set and dict
-  membership): another thread may call it while the service's owner works, and a
-  stale answer is a lost hit or a load that fails closed, never wrong bytes.
+- With ``hit_cost_rule`` on, ``hit_pays`` is False only where ``HitCost`` expects the
+  load to be slower than recomputing (each refusal counted); off, it is always True.
 - All time comes from ``clock`` (time-to-lives, snapshot intervals) and
   ``wall_clock`` (the fleet's leases and heartbeats, compared across hosts); the
   fleet's directory listings run on ``executor`` (a thread of its own by default).
@@ -42,10 +36,12 @@ from concurrent.futures import Executor
 
 from hybridkv.cache.disk_floor import DiskFloor
 from hybridkv.cache.fleet_sync import FleetSync
-from hybridkv.cache.presence import Presence, Verdict
+from hybridkv.cache.lookups import Lookups
+from hybridkv.cache.presence import Presence
 from hybridkv.capacity import Capacity, StorePlan
 from hybridkv.chunks import ChunkRecord
 from hybridkv.config import HybridKVConfig
+from hybridkv.hit_cost import HitCost
 from hybridkv.index import ChunkIndex
 from hybridkv.keys import key_group
 from hybridkv.policies import Candidate, CapacityPolicy, LRUPolicy, RequestView
@@ -80,11 +76,9 @@ class CacheService:
         self.on_change = on_change
         self.clock = clock
         self.chunk_tokens = {g.index: g.chunk_tokens for g in self.layout.groups}
-        # lookups since the last fold, and of those HITs, by the key's last byte (the low
-        # byte of the group index: groups g and g + 256 would be counted together)
-        self._looked_up = [0] * 256
-        self._found = [0] * 256
         self._prompt_tokens: dict[str, int] = {}  # request id -> prompt length
+        #: what a hit costs against a recompute (``hit_cost_rule``; None: every hit pays)
+        self.hit_cost = HitCost() if config.hit_cost_rule else None
         #: seconds each phase of the start took (``benchmarks/restart.py`` reports them)
         self.startup_seconds: dict[str, float] = {}
         started = time.perf_counter()
@@ -112,6 +106,13 @@ class CacheService:
             self.fleet = FleetSync(store, self.index, self.capacity, config, self.counters,
                                    self.drop, clock=wall_clock, executor=executor,
                                    floor_excess=self._floor_excess)
+        self.lookups = Lookups(self.index, self.presence, self.counters, self.chunk_tokens,
+                               forget=self._forget_gone,
+                               tick=self.fleet.tick if self.fleet is not None else None)
+        #: the hot path, bound once: ``Lookups.lookup`` / ``lookup_cached`` / ``fold``
+        self.lookup = self.lookups.lookup
+        self.lookup_cached = self.lookups.lookup_cached
+        self.fold_lookups = self.lookups.fold
         self.drop(self.capacity.enforce())
         self.counters.flush(force=True)
         self.startup_seconds["fleet_enforce_flush"] = time.perf_counter() - mark
@@ -121,74 +122,30 @@ class CacheService:
     def policy(self) -> CapacityPolicy:
         return self.capacity.policy
 
-    # ------------------------------------------------------------------ lookups
-    def lookup(self, key: bytes) -> bool:
-        """Is ``key``'s file there to load? The scheduler's hot path: one index probe
-        unless a disk check is due (``Presence``)."""
-        self._looked_up[key[-1]] += 1
-        if self.fleet is not None:
-            self.fleet.tick()
-        if self.index.is_stored(key):
-            presence = self.presence
-            if presence.stored_can_vanish and not presence.confirm(key):
-                self._forget_gone(key, "fleet_vanished")
-                return False
-            if presence.unchecked and key in presence.unchecked and not self._recheck(key):
-                return False
-        elif not self._refresh(key):
-            return False
-        self._found[key[-1]] += 1
-        return True
-
-    def lookup_cached(self, key: bytes, *, count: bool = True) -> bool | None:
-        """``lookup`` without I/O: True / False where memory tells, None where ``lookup``
-        would stat or read the disk (a restored key's first HIT, a fleet key's confirm,
-        a miss due a look for another engine's file). Counts what it answers, if ``count``."""
-        presence = self.presence
-        if self.index.is_stored(key):
-            if ((presence.stored_can_vanish and presence.confirm_due(key))
-                    or (presence.unchecked and key in presence.unchecked)):
-                return None
-            if count:
-                self._looked_up[key[-1]] += 1
-                self._found[key[-1]] += 1
-            return True
-        if not self.index.is_pending(key) and presence.look_due(key):
-            return None
-        if count:
-            self._looked_up[key[-1]] += 1
-        return False
-
-    def _recheck(self, key: bytes) -> bool:
-        """First HIT of a key restored from the snapshot; True if it may still HIT."""
-        entry = self.index.get(key)
-        verdict, record = self.presence.recheck(key, entry.size, entry.mtime_ns,
-                                                entry.position, entry.parent)
-        if verdict is Verdict.CHANGED:  # rewritten since the snapshot: index what is there now
-            self.index.remove(key)
-            self.index.load([record])
-            self.counters.add("restored_chunks_changed", 1, key_group(key))
-        elif verdict is Verdict.RESTORED_GONE:
-            self._forget_gone(key, "restored_chunks_gone")
-            return False
-        return True
-
     def _forget_gone(self, key: bytes, counter: str) -> None:
         """``key``'s file is gone: forget it, with its orphans (pinned keys stay), as
         after a failed load; count it under ``counter``."""
         self.drop(self.capacity.remove([key]), "gone")
         self.counters.add(counter, 1, key_group(key))
 
-    def _refresh(self, key: bytes, *, now_or_never: bool = False) -> bool:
-        """Pick up a chunk another engine stored (``Presence.look_for``)."""
-        if self.index.is_pending(key):
-            return False
-        record = self.presence.look_for(key, now_or_never=now_or_never)
-        if record is None:
-            return False
-        self.index.load([record])
-        self.counters.add("refresh_found", 1, record.group)
-        return True
+    # ------------------------------------------------------------------ hit cost
+    def hit_pays(self, tokens: int) -> bool:
+        """Report a servable hit of ``tokens`` tokens (True), or recompute them (False)?"""
+        if self.hit_cost is None or self.hit_cost.pays(tokens):
+            return True
+        self.counters.add("hits_refused_cost", 1)
+        self.counters.add("tokens_refused_cost", tokens)
+        return False
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        """The engine computed ``tokens`` tokens in one step of ``seconds``."""
+        if self.hit_cost is not None:
+            self.hit_cost.observe_step(tokens, seconds)
+
+    def observe_load(self, tokens: int, seconds: float) -> None:
+        """A hit of ``tokens`` tokens was ready ``seconds`` after it was scheduled."""
+        if self.hit_cost is not None:
+            self.hit_cost.observe_load(tokens, seconds)
 
     # ------------------------------------------------------------------ loads
     def load_started(self, keys: Collection[bytes]) -> None:
@@ -229,7 +186,7 @@ class CacheService:
         for key in keys:
             if key in self.index or self.index.is_pending(key):
                 continue
-            if self.store.exists(key) and self._refresh(key, now_or_never=True):
+            if self.store.exists(key) and self.lookups.refresh(key, now_or_never=True):
                 continue  # another engine stored it: dedup
             group = key_group(key)
             position = positions.get(key, 0)
@@ -379,17 +336,6 @@ class CacheService:
         if self.fleet is not None:
             self.fleet.tick()
         self.maintain()
-
-    def fold_lookups(self) -> None:
-        """Move the lookup tallies into the counters, as tokens per group."""
-        if not any(self._looked_up):
-            return
-        for name, tally in (("lookup_tokens", self._looked_up),
-                            ("lookup_hit_tokens", self._found)):
-            for group, tokens in self.chunk_tokens.items():
-                n, tally[group & 0xFF] = tally[group & 0xFF], 0
-                if n:
-                    self.counters.add(name, n * tokens, group)
 
     def close(self) -> None:
         """Leave the fleet, write the last snapshot, flush the counters."""

@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,12 +67,17 @@ def store_chunk(copier: PageCopier, store: ChunkStore, key: bytes, *, group_pos:
 
 
 def load_chunk(copier: PageCopier, store: ChunkStore, key: bytes, *, group_pos: int,
-               blocks: Blocks, after: object | None = None) -> int:
-    """Copy the verified pages of chunk ``key`` into ``blocks``. Returns payload bytes."""
+               blocks: Blocks, after: object | None = None,
+               phases: dict[str, float] | None = None) -> int:
+    """Copy the verified pages of chunk ``key`` into ``blocks``. Returns payload bytes.
+
+    ``phases``, if given, gains the seconds spent reading (and verifying) and copying."""
     if not blocks:
         raise ValueError(f"load of chunk {key.hex()[:16]} lists no blocks")
     with copier.pool.take() as buf:
+        t0 = time.perf_counter()
         header, arrays = store.read_into(key, buf.array)
+        t1 = time.perf_counter()
         if header.group != key_group(key):  # the store checks it too; never trust one place
             raise ChunkError(f"chunk {key.hex()[:16]} holds group {header.group}")
         first, count = header.block_offset, header.num_blocks
@@ -85,4 +91,7 @@ def load_chunk(copier: PageCopier, store: ChunkStore, key: bytes, *, group_pos: 
         total = header.payload_bytes
         payload = _payload(buf, arrays, total)
         copier.scatter(group_pos, [b for _, b in blocks], payload, count, rows, buf, after)
+        if phases is not None:
+            phases["read"] = phases.get("read", 0.0) + t1 - t0
+            phases["copy"] = phases.get("copy", 0.0) + time.perf_counter() - t1
     return total

@@ -27,9 +27,16 @@ comes from the connector metadata's ``load_jobs`` (``start_load_kv``), not
 the worker's private ``_load_jobs``; the no-reload rule goes through the
 scheduler's ``get_num_new_matched_tokens``, not its private ``_req_status``.
 The one private read left is in ``hybridkv.vllm.compat``.
+
+Hits that pay (``hit_cost_rule``): the scheduler side times every engine step (between
+``build_connector_meta`` calls) and every load (``update_state_after_alloc`` to its
+``finished_recving``) for ``CacheService``; a servable hit the service says does not pay
+is looked up again with ``max_num_new_tokens=0``, so vLLM recomputes it.
 """
 
 from __future__ import annotations
+
+import time
 
 from vllm.config import VllmConfig
 from vllm.distributed.kv_transfer.kv_connector.v1 import KVConnectorRole
@@ -62,6 +69,10 @@ class HybridKVConnector(OffloadingConnector):
         self._load_requests: dict[int, str] = {}
         #: scheduler side: requests whose load failed; they never load again
         self._no_reload: set[str] = set()
+        #: scheduler side: request id -> (monotonic time its load was scheduled, tokens)
+        self._loads_started: dict[str, tuple[float, int]] = {}
+        #: scheduler side: (monotonic time, tokens) of the last step scheduled
+        self._last_step: tuple[float, int] | None = None
         with kv_cache_config_context(kv_cache_config, hidden_size=hidden):
             super().__init__(vllm_config, role, kv_cache_config)
 
@@ -86,20 +97,31 @@ class HybridKVConnector(OffloadingConnector):
         if request.request_id in self._no_reload:  # the retry recomputes, never reloads
             return self.scheduler.get_num_new_matched_tokens(
                 request, num_computed_tokens, max_num_new_tokens=0)
-        return super().get_num_new_matched_tokens(request, num_computed_tokens)
+        started = time.perf_counter()
+        hit, is_async = super().get_num_new_matched_tokens(request, num_computed_tokens)
+        direct = self._direct()  # (under the CPU tier, host-memory hits always pay)
+        if hit and direct is not None:
+            direct.counters.add("lookup_hit_us", int((time.perf_counter() - started) * 1e6))
+            if not direct.cache.hit_pays(hit):  # recompute instead
+                return self.scheduler.get_num_new_matched_tokens(
+                    request, num_computed_tokens, max_num_new_tokens=0)
+        return hit, is_async
 
     def request_finished(self, request, block_ids):
         self._no_reload.discard(request.request_id)
+        self._loads_started.pop(request.request_id, None)
         return super().request_finished(request, block_ids)
 
     def request_finished_all_groups(self, request, block_ids):
         self._no_reload.discard(request.request_id)
+        self._loads_started.pop(request.request_id, None)
         return super().request_finished_all_groups(request, block_ids)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
         super().update_state_after_alloc(request, blocks, num_external_tokens)
         manager = self._direct()  # under the CPU tier, vLLM counts hits by source itself
         if num_external_tokens and manager is not None:
+            self._loads_started[request.request_id] = (time.monotonic(), num_external_tokens)
             manager.counters.add("requests_hit")
             manager.counters.add("tokens_from_disk", num_external_tokens)
             manager.counters.flush()
@@ -152,6 +174,14 @@ class HybridKVConnector(OffloadingConnector):
         chunk_events = getattr(self._hybridkv(), "chunk_events", None)
         return chunk_events.describe(events) if chunk_events is not None else events
 
+    def build_connector_meta(self, scheduler_output):
+        now = time.monotonic()
+        direct = self._direct()
+        if self._last_step is not None and direct is not None:  # the last step ran until now
+            direct.cache.observe_step(self._last_step[1], now - self._last_step[0])
+        self._last_step = (now, scheduler_output.total_num_scheduled_tokens)
+        return super().build_connector_meta(scheduler_output)
+
     def update_connector_output(self, connector_output: KVConnectorOutput):
         # the workers' stats of this step say how many stores failed for lack of space:
         # the service evicts (bounded) and backs off if the filesystem stays full
@@ -160,6 +190,15 @@ class HybridKVConnector(OffloadingConnector):
         if no_space and direct is not None:  # (under the CPU tier the tier's writes tell it)
             direct.cache.store_failed_no_space(no_space)
         failed = connector_output.failed_recving
+        if self.connector_scheduler is not None:
+            now = time.monotonic()
+            for req_id in connector_output.finished_recving or ():
+                started = self._loads_started.pop(req_id, None)
+                manager = self._direct()
+                if started is not None and req_id not in (failed or ()) and manager is not None:
+                    manager.cache.observe_load(started[1], now - started[0])
+                    manager.counters.add("load_ready_us", int((now - started[0]) * 1e6))
+                    manager.counters.add("loads_ready")
         if failed and self.connector_scheduler is not None:
             self._no_reload.update(failed)
             manager = self._direct()

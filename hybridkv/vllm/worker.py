@@ -176,7 +176,8 @@ class HybridKVWorker(OffloadingWorker):
             plans = []
         after = self.copier.mark() if plans else None  # after the engine's pending writes
         for plan in plans:
-            job.futures.append(self._pool.submit(self._load_chunk, plan, after))
+            job.futures.append(self._pool.submit(self._load_chunk, plan, after,
+                                                 time.perf_counter()))
         with self._lock:
             self._jobs[job_id] = job
         return True
@@ -228,9 +229,13 @@ class HybridKVWorker(OffloadingWorker):
             self.counters.add("load_jobs_failed")
         elif not ok:
             self.counters.add("store_jobs_failed")
+        elapsed = time.perf_counter() - job.started
+        if not job.is_store:  # submitted -> seen done by get_finished
+            self.counters.add("load_job_us", _us(elapsed))
+            self.counters.add("load_jobs_timed")
         # success=True even on failure: see the module docstring
         return TransferResult(job_id=job.job_id, success=True, transfer_size=size,
-                              transfer_time=time.perf_counter() - job.started)
+                              transfer_time=elapsed)
 
     # ------------------------------------------------------------------ copies
     def _store_chunk(self, plan: ChunkPlan, position: int, parent: bytes | None,
@@ -251,13 +256,16 @@ class HybridKVWorker(OffloadingWorker):
         self.counters.add("bytes_written", written, group)
         return written
 
-    def _load_chunk(self, plan: ChunkPlan, after: object | None = None) -> int:
+    def _load_chunk(self, plan: ChunkPlan, after: object | None = None,
+                    submitted: float | None = None) -> int:
         group = self.group_ids[plan.group_pos]
+        started = time.perf_counter()
+        phases: dict[str, float] = {}
         try:
             # verified (header + checksum), holds every block, engine's page sizes:
             # or it raises before a byte reaches the KV cache
             size = load_chunk(self.copier, self.store, plan.key, group_pos=plan.group_pos,
-                              blocks=plan.blocks, after=after)
+                              blocks=plan.blocks, after=after, phases=phases)
         except Exception as exc:
             reason = type(exc).__name__
             self.counters.add("load_failures", 1, group)
@@ -267,4 +275,13 @@ class HybridKVWorker(OffloadingWorker):
             raise
         self.counters.add("chunks_loaded", 1, group)
         self.counters.add("bytes_read", size, group)
+        # where a hit's time goes, in microseconds (benchmarks/hit_cost.py)
+        if submitted is not None:
+            self.counters.add("load_queue_us", _us(started - submitted))
+        self.counters.add("load_read_us", _us(phases.get("read", 0.0)))
+        self.counters.add("load_copy_us", _us(phases.get("copy", 0.0)))
         return size
+
+
+def _us(seconds: float) -> int:
+    return int(seconds * 1e6)

@@ -26,6 +26,18 @@ CASES = [
     (["benchmarks/tier_io.py", "--threads", "0"], "--threads"),
     (["benchmarks/tier_io.py", "--rounds", "x"], "--rounds"),
     (["benchmarks/tier_io.py", "--bogus"], "--bogus"),
+    (["benchmarks/hit_cost.py", "--lengths", "100"], "100"),
+    (["benchmarks/hit_cost.py", "--lengths", "1024,x"], "'1024,x'"),
+    (["benchmarks/hit_cost.py", "--pairs", "0"], "--pairs"),
+    (["benchmarks/soak.py", "--budget", "12XB"], "12XB"),
+    (["benchmarks/soak.py", "--waves", "0"], "--waves"),
+    (["benchmarks/serving.py", "--model", "llama"], "'llama'"),
+    (["benchmarks/serving.py", "--rates", "1,x"], "'1,x'"),
+    (["benchmarks/serving.py", "--rates", "0"], "'0'"),
+    (["benchmarks/serving.py", "--workloads", "chat"], "'chat'"),
+    (["benchmarks/serving.py", "--blocks", "0"], "--blocks"),
+    (["benchmarks/serving.py", "--off-url", "http://x:1"], "--on-url"),
+    (["benchmarks/serving.py", "--plot", "/nonexistent/p.png"], "/nonexistent"),
 ]
 
 

