@@ -173,3 +173,18 @@ def test_a_rebuild_at_start_equals_the_upkeep(trace_name, model, monkeypatch):
     assert list(utility_order(built, 1.0)) == list(utility_order(running, 1.0))
     need = index.bytes_stored // 10
     assert fresh.victims(index, need) == live.victims(index, need)
+
+
+def test_utility_order_breaks_ties_by_recency_across_both_lists():
+    """Equal utility: the less recently used point first, also when the tie's other
+    point is still unseen in the recency list (found by the random-trace property)."""
+    from types import SimpleNamespace
+
+    # slots 0, 1, 2 at recency ranks 0, 1, 2; utilities rank/2 + density/top are all 1.0
+    recency = {0: (0, 0, 0), 1: (1, 0, 1), 2: (2, 0, 2)}
+    density = {0: 8.0, 1: 4.0, 2: 0.0}
+    hp = SimpleNamespace(
+        points={s: SimpleNamespace(recency=recency[s], density=density[s]) for s in recency},
+        by_recency=[recency[s] for s in (0, 1, 2)],
+        by_density=sorted((d, s) for s, d in density.items()))
+    assert list(utility_order(hp, 1.0)) == [0, 1, 2]

@@ -6,8 +6,9 @@ to it and ``top`` the largest density (1 when all are 0). Both terms are
 normalised over all N points, so no per-point key can be stored; instead the
 order is merged from the points sorted by recency and by density (Fagin's
 threshold algorithm): any point not yet seen scores at least
-``next_rank / (N - 1) + alpha * next_density / top``, so a seen point scoring at
-most that is next. An eviction retires a few points, so it reads a few entries
+``next_rank / (N - 1) + alpha * next_density / top``, so a seen point scoring
+below that is next (one scoring exactly that waits: an unseen point may tie it
+and be less recently used). An eviction retires a few points, so it reads a few entries
 of each list: O(k log N) for k points, not O(N).
 
 Invariant: the sequence equals sorting every point by (utility, rank): equal utility,
@@ -53,7 +54,7 @@ def utility_order(hp: HitPointTracker, alpha: float) -> Iterator[int]:
             threshold = ri / denom + alpha * by_density[di][0] / top
         else:
             threshold = float("inf")
-        while heap and heap[0][0] <= threshold:
+        while heap and heap[0][0] < threshold:  # a tie may still lose to an unseen point
             yield heapq.heappop(heap)[2]
     while heap:
         yield heapq.heappop(heap)[2]
