@@ -698,7 +698,7 @@ def _spec_stub(tmp_path, faults=None):
 def test_start_errors_are_config_errors_naming_the_fix(tmp_path):
     from hybridkv.config import ConfigError
     from hybridkv.index import ChunkIndex
-    from hybridkv.vllm.spec import HybridKVSpec, _too_new
+    from hybridkv.vllm.spec import HybridKVSpec, too_new
 
     stub = _spec_stub(tmp_path)
     store = HybridKVSpec._store(stub, 0)  # a healthy directory opens
@@ -721,7 +721,7 @@ def test_start_errors_are_config_errors_naming_the_fix(tmp_path):
                                                version=FORMAT_VERSION + 1))
     with pytest.raises(ChunkTooNew) as err:
         ChunkIndex.from_records(store.scan())
-    message = str(_too_new(store, err.value))
+    message = str(too_new(store, err.value))
     assert "newer hybridkv" in message and "upgrade hybridkv" in message
     assert store.path(key).exists()
 
