@@ -685,12 +685,13 @@ def restart_check(work: Path, model: Path, tag: str, layout, threads: int, bpc: 
 WHY = {
     "store": "per chunk hybridkv hashes every byte (xxh3) and writes a header + a temp file + "
              "rename from Python I/O threads; per job its one control thread runs the "
-             "admission, then store_done (a stat and header read per key) and rewrites the "
-             "statistics file (see hybridkv_job_stages); vLLM's fs tier loops over the job's "
-             "blocks in C with the GIL released and checks nothing",
+             "admission, then store_done (a stat and header read per key; see "
+             "hybridkv_job_stages); vLLM's fs tier loops over the job's blocks in C with the "
+             "GIL released and checks nothing; large buffered writes swing with writeback on "
+             "a shared box",
     "load": "hybridkv reads each chunk into a per-thread buffer, verifies header and xxh3, "
-            "then copies the payload into the CPU slot (a second memcpy), and commits each "
-            "job on its one control thread, which rewrites the statistics file (see "
+            "then copies the payload into the CPU slot (a second memcpy: no unverified byte "
+            "ever lands in a slot), per chunk in Python under the GIL (see "
             "hybridkv_stages_1_thread, hybridkv_job_stages); vLLM's fs tier readv()s "
             "straight into the slot in C, unverified",
     "disk": "where the slot has no padding (sliding + full: every group fills the slot) and "
