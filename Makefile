@@ -30,6 +30,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/io_throughput.py --out io_throughput.json
+	$(PY) benchmarks/tier_io.py --out tier_io.json
 	$(PY) benchmarks/hit_rate.py --out hit_rate.json
 	$(PY) benchmarks/policy_overhead.py --out policy_overhead.json
 	$(PY) benchmarks/index_scale.py --out index_scale.json
