@@ -346,3 +346,24 @@ def test_a_directory_written_by_the_direct_mode_promotes_under_the_cpu_tier(mode
     for k in keys:
         _, arrays = rig.tier.cache.store.read(k)
         assert rig.loaded_bytes(ctx, k) == b"".join(a.tobytes() for a in arrays)
+
+
+def test_a_full_disk_is_a_signal_under_the_cpu_tier_too(model_dir, tmp_path, rigs, monkeypatch):
+    """A store that fails with ENOSPC is counted by cause and tells the service (which
+    evicts a bounded round and backs off), as the direct mode's worker does."""
+    import errno
+
+    rig = rigs(model_dir, tmp_path / "kv", "gemma")
+    store = rig.tier.cache.store
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "write", full)
+    ctx, keys = rig.request("r1", 2)
+    rig.store(ctx, keys)  # nothing stored, nothing raised
+    counters = rig.tier.cache.counters
+    assert counters.get("store_failures_no_space") == len(keys)
+    assert counters.get("stores_failed_no_space") == len(keys)
+    assert chunk_files(tmp_path / "kv") == {}
+    assert {rig.tier.lookup(k, ctx) for k in keys} == {MISS}  # (vLLM's CPU tier has them)
