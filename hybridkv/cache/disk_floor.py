@@ -15,8 +15,10 @@ Invariants:
 - Two short rounds in a row (or two no-space failures within ``NO_SPACE_MEMORY``
   seconds) start a back-off: ``backing_off`` is True for ``delay`` seconds, doubling
   from ``BACKOFF_MIN`` up to ``BACKOFF_MAX``; the service stores nothing and evicts
-  nothing meanwhile. A probe at or above the floor (and no no-space failure for
-  ``NO_SPACE_MEMORY`` seconds) resets the delay.
+  nothing meanwhile. Probes go on at ``interval`` during a back-off: one at or above
+  the floor (and no no-space failure for ``NO_SPACE_MEMORY`` seconds: a quota is not
+  visible to ``statvfs``) ends it and resets the delay, so stores resume within one
+  interval of the space coming back.
 - ``no_space()`` (a store failed with ENOSPC/EDQUOT) probes now, at most once per
   ``FORCED_MIN`` seconds, and counts the free space as 0 for that round: a quota
   is not visible to ``statvfs``.
@@ -83,7 +85,7 @@ class DiskFloor:
         ``stored``: bytes of complete chunk files in the index; ``used``: stored + reserved.
         """
         now = self.clock()
-        if now >= self._next_probe and now >= self.backoff_until:
+        if now >= self._next_probe:
             self._probe(stored, used, now, no_space=False)
         if now < self.backoff_until:
             return used  # neither grow nor evict while backing off
@@ -143,7 +145,8 @@ class DiskFloor:
         seen = 0 if no_space else self.free
         short = no_space or seen < self.floor
         limit = stored + seen - self.floor
-        if short:
+        backing_off = now < self.backoff_until
+        if short and not backing_off:  # (still short during a back-off: it runs on)
             self.short_rounds += 1
             again = self._short_prev or (no_space and now - self._last_no_space
                                          < NO_SPACE_MEMORY)
@@ -161,11 +164,12 @@ class DiskFloor:
                     "short", "hybridkv: %s %s (%d KiB free, floor %d KiB): evicting to make "
                     "room", self.path, "has no space left" if no_space else
                     "is below min_free_space", self.free // 1024, self.floor // 1024)
-            # a bounded round; a failed write frees a full round (how short it is is unknown)
+        if short:  # a bounded round; a failed write frees a full round (how short is unknown)
             bound = used - stored // EVICT_SHARE
             limit = bound if no_space else max(limit, bound)
         elif now - self._last_no_space >= NO_SPACE_MEMORY:
             self.delay = BACKOFF_MIN
+            self.backoff_until = float("-inf")  # the space is back: stores resume
         if no_space:
             self._last_no_space = now
         self._short_prev = short

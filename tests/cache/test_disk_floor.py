@@ -146,12 +146,14 @@ def test_external_fill_evicts_one_bounded_round_then_backs_off_then_recovers(tmp
     assert svc.index.bytes_stored == after_round
     assert svc.counters.get("stores_skipped_disk_full") == 60
     probes = fs.calls
-    clock.t += BACKOFF_MIN / 2
-    store_request(svc, "z")
-    assert fs.calls == probes, "probed during the back-off"
-    fs.external = 0  # the other program is gone: the next probe after the back-off resumes
-    clock.t += BACKOFF_MIN
+    clock.t += 0.5  # within one probe interval: a clock read, no statvfs
+    assert store_request(svc, "z") == []
+    assert fs.calls == probes, "probed twice within one interval"
+    fs.external = 0  # the other program is gone: the next probe, due before the back-off's
+    clock.t += 0.6   # delay ends, finds the space and ends it: stores resume at once
+    assert clock.t < svc.disk_floor.backoff_until
     assert len(store_request(svc, "resumed")) == 3
+    assert fs.calls == probes + 1 and not svc.disk_floor.backing_off()
 
 
 def test_no_space_failures_evict_then_back_off_even_when_statvfs_shows_room(tmp_path):

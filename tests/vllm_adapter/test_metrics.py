@@ -313,7 +313,8 @@ def test_metrics_follow_the_requests(tmp_path, tiny_model):
                                str(server.cache)], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         body = proc.stdout.split(":\n", 1)[1]
-        totals = json.loads(body)
+        totals, end = json.JSONDecoder().raw_decode(body)  # then the lines on store failures
+        assert "store failures:" in body[end:]
         for g, n in _per_group(second, "vllm:kv_offload_hybridkv_stored_chunks_total").items():
             assert totals[f"g{g}"]["chunks_stored"] == n
 
