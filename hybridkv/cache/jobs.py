@@ -19,8 +19,8 @@ Invariants:
   service learns of it afterwards, on the control thread (``pending`` and ``drain``
   wait for that too).
 - A load hands to ``fill`` only chunks that passed the store's verification (header,
-  checksum, integrity tag); a key that failed is reported failed and ``fill`` never
-  sees it. A store job reads its keys (``read``) only before it is reported: the
+  checksum, integrity tag); a key that failed is reported failed, ``fill`` never sees
+  it, and ``lookup`` answers False for it from the report on. A store job reads its keys (``read``) only before it is reported: the
   caller keeps that memory valid until then.
 - At most ``max_store_jobs`` store jobs wait or run at a time; a store job beyond
   that is reported done at once with nothing stored (``stores_dropped_busy``):
@@ -85,6 +85,7 @@ class JobRunner:
         self._finished: collections.deque[JobOutcome] = collections.deque()
         self._resolved: dict[bytes, bool] = {}  # key -> what a disk check answered
         self._checking: set[bytes] = set()  # keys a disk check runs for
+        self._failed_loads: set[bytes] = set()  # failed loads reported, service not yet told
         self._jobs = 0  # submitted, not yet reported
         self._store_jobs = 0
         self._idle = threading.Condition()
@@ -100,6 +101,8 @@ class JobRunner:
         answer = self._resolved.pop(key, None)
         if answer is not None:
             return answer
+        if key in self._failed_loads:  # reported failed, not yet dropped by the service
+            return False
         if key in self._checking:
             return None
         if self.lock.acquire(blocking=False):
@@ -239,6 +242,7 @@ class JobRunner:
                 service.counters.add("chunks_loaded", 1, key_group(key))
             if done:
                 service.counters.add("bytes_read", nbytes)
+        self._failed_loads.difference_update(k for k, _ in failed)
 
     def _count(self, name: str, value: int) -> None:
         self.service.counters.add(name, value)
@@ -284,6 +288,7 @@ class JobRunner:
                 continue
             done.append(key)
             nbytes += sum(a.nbytes for a in arrays)
+        self._failed_loads.update(k for k, _ in failed)  # no HIT for them from now on
         self._finished.append(JobOutcome(job_id=job_id, is_load=True, done=done,
                                          failed=[k for k, _ in failed], nbytes=nbytes,
                                          seconds=time.perf_counter() - started))
