@@ -155,10 +155,6 @@ class JobRunner:
     def request_finished(self, request_id: str) -> None:
         self._queue(self.service.request_finished, request_id)
 
-    def count(self, name: str, value: int = 1) -> None:
-        """Add to a service counter, on the control thread (the counters' one writer)."""
-        self._queue(self._count, name, value)
-
     def tick(self) -> None:
         """Queue the service's periodic work (fleet heartbeat, snapshot), at most once per
         ``tick_interval``."""
@@ -243,10 +239,6 @@ class JobRunner:
             if done:
                 service.counters.add("bytes_read", nbytes)
         self._failed_loads.difference_update(k for k, _ in failed)
-
-    def _count(self, name: str, value: int) -> None:
-        self.service.counters.add(name, value)
-        self.service.counters.flush()
 
     def _locked(self, fn, *args) -> None:
         with self.lock:

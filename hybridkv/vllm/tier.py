@@ -118,26 +118,27 @@ class HybridKVTier(SecondaryTierManager):
 
     # ------------------------------------------------------------------ transfers
     def submit_store(self, job_metadata: TransferJob) -> None:
-        keys = list(job_metadata.keys)
-        slot_of = dict(zip(keys, (int(c) for c in job_metadata.chunk_ids)))
-        rows, slots = self._rows, self.slots
+        row_of, slots = self._rows_of(job_metadata), self.slots
 
         def read(key: bytes):
-            return slots.gather(rows[slot_of[key]], key_group(key))
+            return slots.gather(row_of[key], key_group(key))
 
         ctx = job_metadata.req_context
-        self.runner.submit_store(job_metadata.job_id, keys, request_key_positions(ctx),
+        self.runner.submit_store(job_metadata.job_id, list(row_of), request_key_positions(ctx),
                                  ctx.req_id, read)
 
     def submit_load(self, job_metadata: TransferJob) -> None:
-        keys = list(job_metadata.keys)
-        slot_of = dict(zip(keys, (int(c) for c in job_metadata.chunk_ids)))
-        rows, slots = self._rows, self.slots
+        row_of, slots = self._rows_of(job_metadata), self.slots
 
         def fill(key: bytes, header, arrays) -> None:
-            slots.scatter(rows[slot_of[key]], key_group(key), arrays, header.block_offset)
+            slots.scatter(row_of[key], key_group(key), arrays, header.block_offset)
 
-        self.runner.submit_load(job_metadata.job_id, keys, fill)
+        self.runner.submit_load(job_metadata.job_id, list(row_of), fill)
+
+    def _rows_of(self, job: TransferJob) -> dict[bytes, np.ndarray]:
+        """Each key of ``job`` -> its CPU slot (a row of the region), in the job's order."""
+        rows = self._rows
+        return {key: rows[int(c)] for key, c in zip(job.keys, job.chunk_ids)}
 
     def get_finished_jobs(self) -> Iterable[JobResult]:
         results = []
@@ -161,10 +162,6 @@ class HybridKVTier(SecondaryTierManager):
     def note_prompt_tokens(self, req_id: str, num_tokens: int) -> None:
         """``HybridKVConnector`` tells the prompt length of a request before its stores."""
         self.runner.note_prompt_tokens(req_id, num_tokens)
-
-    def count(self, name: str, value: int = 1) -> None:
-        """Add to one of the service's counters (on the thread that owns them)."""
-        self.runner.count(name, value)
 
     def on_request_finished(self, req_context: ReqContext) -> None:
         self.runner.request_finished(req_context.req_id)
